@@ -1,0 +1,85 @@
+"""The weighted-loss engine: `G W` as the gradient of a re-weighted loss, in one backward pass."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+__all__ = ["noisy_gradients", "combine_weights", "batch_size_of"]
+
+
+def batch_size_of(x):
+    """Number of examples in `x` (a tensor or a nest of tensors): a Python int when static."""
+    first = next(t for t in tf.nest.flatten(x) if t is not None)
+    static = tf.TensorShape(first.shape)[0]
+    return static if static is not None else tf.shape(first)[0]
+
+
+def combine_weights(sample_weight, weights):
+    """The user's `sample_weight` (None, a tensor or a nest of them) times the `[B]` noise weights."""
+    if sample_weight is None:
+        return weights
+
+    def times(w):
+        w = tf.convert_to_tensor(w)
+        m = tf.cast(weights, w.dtype)
+        return w * tf.reshape(m, [-1] + [1] * (w.shape.rank - 1))
+
+    return tf.nest.map_structure(times, sample_weight)
+
+
+def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
+    """Gradients of the loss re-weighted per example by the noise weights `weights`.
+
+    For custom training loops. With per-example losses `l_i` and regularization
+    `R` this returns
+
+        grad( (1/B) sum_i weights_i * sample_weight_i * l_i + R )  =  G W + grad R,
+
+    one backward pass, never forming the gradient matrix `G`.
+
+    Args:
+        model: A Keras model, called with `training=True`.
+        x: Inputs of the batch.
+        y: Targets of the batch.
+        weights: `[B]` loss weights, e.g. `optimizer.noise_weights(B)`.
+        loss: `None` to use the model's compiled loss (`model.compute_loss`),
+            or a Keras loss (name, function or `keras.losses.Loss`) reduced as a
+            mean over the batch. Defaults to `None`.
+        sample_weight: Optional user weights, multiplied with `weights`.
+            Defaults to `None`.
+
+    Returns:
+        A list of gradients, one per `model.trainable_variables`.
+
+    Example:
+
+    ```python
+    weights = optimizer.noise_weights(batch_size)
+    grads = keras_noisygd.noisy_gradients(model, x, y, weights)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    ```
+    """
+    weights = combine_weights(sample_weight, weights)
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        if loss is None:
+            value = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weights, training=True)
+        else:
+            value = _weighted_loss(keras.losses.get(loss), y, y_pred, weights)
+            if model.losses:
+                value = value + tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
+    return tape.gradient(value, model.trainable_variables)
+
+
+def _weighted_loss(loss_fn, y, y_pred, weights):
+    if isinstance(loss_fn, keras.losses.Loss):
+        return loss_fn(y, y_pred, sample_weight=weights)
+    per_example = tf.convert_to_tensor(loss_fn(y, y_pred))
+    if per_example.shape.rank == 0:
+        raise ValueError(
+            "Argument `loss` must return one loss value per example to be re-weighted by the "
+            f"noise. Received: a loss {loss_fn!r} that returns a scalar"
+        )
+    per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
+    return tf.reduce_mean(tf.cast(weights, per_example.dtype) * per_example)

@@ -1,0 +1,129 @@
+"""Keras models whose `train_step` injects the optimizer's sampling noise."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_noisygd.gradients import batch_size_of, combine_weights
+from keras_noisygd.optimizers import find_noisy_optimizer
+
+__all__ = ["NoisyTrainStep", "NoisyModel", "NoisySequential", "noisy"]
+
+_register = keras.saving.register_keras_serializable(package="keras_noisygd")
+
+
+class NoisyTrainStep:
+    """Mixin for `keras.Model` subclasses: a `train_step` that injects the noise.
+
+    With a noise-carrying optimizer (`NoisyGD`, `NoisyAdam`, a `NoiseMixin`
+    subclass, or one of them inside a `LossScaleOptimizer`), each step asks it
+    for the loss weights `m` of the batch, multiplies them into the user's
+    `sample_weight`, and descends the re-weighted loss. Metrics and the
+    reported `loss` are computed on the clean (un-noised) loss. With any other
+    optimizer it is `keras.Model.train_step`.
+    """
+
+    def train_step(self, data):
+        optimizer = find_noisy_optimizer(self.optimizer)
+        if optimizer is None:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch_size = batch_size_of(x)
+        noisy_weight = combine_weights(sample_weight, optimizer.noise_weights(batch_size))
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=noisy_weight, training=True)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        # The clean loss is read before the update (regularizers see these weights).
+        clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        gradients = tape.gradient(scaled_loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        self._report_loss(clean_loss, batch_size)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _report_loss(self, loss, batch_size):
+        # As in the keras.io custom-train-step guide: the "loss" metric tracks the loss,
+        # un-scaled from tf.distribute's per-replica scaling like `Model.train_step` does.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss * replicas, sample_weight=batch_size)
+                return
+
+
+@_register
+class NoisyModel(NoisyTrainStep, keras.Model):
+    """A `keras.Model` (functional or subclassed) whose `fit` injects the optimizer's noise.
+
+    Use it exactly like `keras.Model`: `NoisyModel(inputs, outputs)` or subclass
+    it. Compiled with `NoisyGD` (or another noise-carrying optimizer) each
+    training step descends the re-weighted loss `(1/B) sum_i m_i l_i`; with any
+    other optimizer it trains like `keras.Model`.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((64,))
+    outputs = keras.layers.Dense(10, activation="softmax")(inputs)
+    model = keras_noisygd.NoisyModel(inputs, outputs)
+    model.compile(keras_noisygd.NoisyGD(0.1, emulate_batch_size=32),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"])
+    ```
+    """
+
+
+@_register
+class NoisySequential(NoisyTrainStep, keras.Sequential):
+    """A `keras.Sequential` whose `fit` injects the optimizer's noise; see `NoisyModel`."""
+
+
+@_register
+class _NoisyWrapper(NoisyModel):
+    """Wraps a subclassed model that cannot be rebuilt from its graph."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def get_config(self):
+        return {"model": keras.saving.serialize_keras_object(self.model), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+
+def noisy(model):
+    """A noisy version of `model` that shares its layers and weights.
+
+    A `Sequential` model becomes a `NoisySequential` of the same layers, a
+    functional model a `NoisyModel` on the same graph, and a subclassed model is
+    wrapped. Training the result trains `model`'s own variables.
+
+    Args:
+        model: A `keras.Model`.
+
+    Returns:
+        A `NoisyTrainStep` model; `model` itself if it already is one.
+    """
+    if isinstance(model, NoisyTrainStep):
+        return model
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"Argument `model` must be a `keras.Model`. Received: model={model!r}")
+    if isinstance(model, keras.Sequential):
+        return NoisySequential(model.layers, name=model.name)
+    if _is_functional(model):
+        return NoisyModel(model.inputs, model.outputs, name=model.name)
+    return _NoisyWrapper(model, name=model.name)
+
+
+def _is_functional(model):
+    # A plain `keras.Model(inputs, outputs)`: Keras's own class, with a graph to rebuild on.
+    # A user subclass is wrapped instead, so its own `call` and methods are kept.
+    return type(model).__module__.startswith("keras.") and getattr(model, "inputs", None) is not None

@@ -1,0 +1,263 @@
+"""Keras optimizers that carry the sampling noise: `NoiseMixin`, `NoisyGD`, `NoisyAdam`, `NoisyAdamW`.
+
+The optimizer owns the noise configuration and the noise random state; the
+train step (`keras_noisygd.NoisyModel`) asks it for each step's loss weights
+with `noise_weights(batch_size)` and trains on the re-weighted loss. The update
+rule itself is Keras's, untouched: clipping, weight decay, EMA, schedules,
+loss scaling and gradient accumulation all come from the base class.
+"""
+
+from __future__ import annotations
+
+import random
+
+import keras
+import tensorflow as tf
+
+from keras_noisygd import noise as noise_lib
+
+__all__ = ["NoiseMixin", "NoisyGD", "NoisyAdam", "NoisyAdamW", "find_noisy_optimizer"]
+
+_register = keras.saving.register_keras_serializable(package="keras_noisygd")
+
+_NO_NOISE_DRAWN = (
+    "{name} received gradients for a step that drew no noise weights, so it would "
+    "silently train without noise. A stock `keras.Model`'s train_step does not inject "
+    "the sampling noise: build the model with `keras_noisygd.NoisyModel` / "
+    "`keras_noisygd.NoisySequential`, or wrap it with `model = keras_noisygd.noisy(model)` "
+    "before `compile`. In a custom training loop, call `weights = optimizer.noise_weights("
+    "batch_size)` and `keras_noisygd.noisy_gradients(model, x, y, weights)` before "
+    "`apply_gradients`."
+)
+
+
+class NoiseMixin:
+    """Gives any Keras optimizer a multiplicative sampling noise.
+
+    Put it first among the bases, before a `keras.optimizers.Optimizer`
+    subclass; it adds three arguments and passes every other one to the base:
+
+    ```python
+    @keras.saving.register_keras_serializable()
+    class NoisyRMSprop(keras_noisygd.NoiseMixin, keras.optimizers.RMSprop):
+        pass
+    ```
+
+    The random state is the optimizer variable `noise_state = [seed, counter]`,
+    a stateless seed: step `k` draws its weights from `[seed, k]`, and the
+    counter advances once per `apply` (per micro-step under gradient
+    accumulation), so checkpoints restore the noise stream exactly.
+
+    Args:
+        noise: A name from `keras_noisygd.noise.NAMES`, a sampler, or a sampler
+            config. A name, or a sampler whose noise size is `None`, is a template
+            that needs `emulate_batch_size`. Defaults to `"gaussian_centered"`.
+        emulate_batch_size: The SGD batch size `b` to emulate. At every step the
+            noise class is calibrated to SGD(`b`) drawn out of that step's batch
+            of `B` examples (`B` = the training set for full-batch noisy GD,
+            `b < B` for the large-batch variant). Defaults to `None`.
+        seed: Int seed of the noise stream. `None` draws one, recorded in the
+            config. Defaults to `None`.
+        **kwargs: Arguments of the Keras optimizer.
+    """
+
+    def __init__(self, *args, noise="gaussian_centered", emulate_batch_size=None, seed=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise = _validated_noise(noise, emulate_batch_size)
+        self.emulate_batch_size = emulate_batch_size
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"Argument `seed` must be None or an int in [0, 2**63). Received: seed={seed!r}")
+        self.seed = seed
+        self._noise_state = self.add_variable(
+            shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
+        )
+        self._noise_state.assign([seed, 0])
+        self._noise_drawn = False
+
+    @property
+    def noise_state(self):
+        """The `[seed, counter]` variable from which the next step's weights are drawn."""
+        return self._noise_state
+
+    def noise_weights(self, batch_size, dtype="float32"):
+        """The per-example loss weights `m` of the next step (`E[m_i] = 1`).
+
+        Calling it again before `apply_gradients` returns the same weights.
+
+        Args:
+            batch_size: Number `B` of examples in the step: a Python int or a
+                scalar int tensor.
+            dtype: Floating dtype of the weights. Defaults to `"float32"`.
+
+        Returns:
+            A `[batch_size]` tensor.
+        """
+        self._noise_drawn = True
+        sampler = self.noise
+        if self.emulate_batch_size is not None:
+            sampler = sampler.calibrated(self.emulate_batch_size, batch_size)
+        return sampler.sample(self._noise_state.value, batch_size, dtype)
+
+    def apply(self, grads, trainable_variables=None):
+        # Runs in Python once per trace (or per eager step): a step whose weights
+        # were never drawn would be plain, noise-free descent.
+        if not self._noise_drawn:
+            raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__))
+        self._noise_drawn = False
+        super().apply(grads, trainable_variables)
+        self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            noise=noise_lib.serialize(self.noise),
+            emulate_batch_size=self.emulate_batch_size,
+            seed=self.seed,
+        )
+        return config
+
+
+def _validated_noise(noise, emulate_batch_size):
+    sampler = noise_lib.get(noise)
+    b = emulate_batch_size
+    if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+        raise ValueError(
+            f"Argument `emulate_batch_size` must be None or an integer >= 1. Received: emulate_batch_size={b!r}"
+        )
+    template = getattr(sampler, "is_template", False)
+    if isinstance(sampler, noise_lib.NoNoise):
+        return sampler
+    if b is None and template:
+        raise ValueError(
+            f"Argument `noise={noise!r}` names a noise class without its size: pass "
+            "`emulate_batch_size=b` to calibrate it to SGD with batch b, or a configured "
+            "sampler such as `keras_noisygd.noise.Gaussian(std=1.0)`. Received: emulate_batch_size=None"
+        )
+    if b is not None and not template:
+        raise ValueError(
+            f"Argument `emulate_batch_size` calibrates a noise template, but `noise` is already "
+            f"configured: {sampler!r}. Pass one or the other. Received: emulate_batch_size={b}"
+        )
+    return sampler
+
+
+def find_noisy_optimizer(optimizer):
+    """The noise-carrying optimizer in `optimizer` (itself, or inside a `LossScaleOptimizer`), or `None`."""
+    for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if isinstance(candidate, NoiseMixin):
+            return candidate
+    return None
+
+
+@_register
+class NoisyGD(NoiseMixin, keras.optimizers.SGD):
+    """Multiplicative-noise gradient descent (the paper's MSGD), on `keras.optimizers.SGD`.
+
+    Each step draws per-example loss weights `m` with `E[m_i] = 1` from the
+    noise class and descends the re-weighted loss, i.e. the gradient matrix
+    times the sampling noise `W = m / B`:
+
+    ```
+    m ~ noise calibrated to SGD(b) out of B          # fresh each step
+    g = grad( (1/B) sum_i m_i l_i(theta) + reg(theta) )   # = G W + grad reg
+    velocity = momentum * velocity - learning_rate * g
+    theta = theta + velocity                          # (Nesterov as in SGD)
+    ```
+
+    With `noise="none"` (or SGD sampling with `b = B`) it is
+    `keras.optimizers.SGD`, step for step.
+
+    Conventions: the noise is a per-example *loss weight* with mean 1, not an
+    additive or per-coordinate perturbation; the learning rate multiplies the
+    noisy gradient; `emulate_batch_size=b` calibrates to the batch `B` the step
+    actually sees. Train with `keras_noisygd.NoisyModel` (or `noisy(model)`);
+    a stock `keras.Model` raises at the start of `fit` rather than train without noise.
+
+    Args:
+        learning_rate: A float, a schedule or a callable. Defaults to `0.01`.
+        noise: A name from `keras_noisygd.noise.NAMES`, a sampler or a sampler
+            config. Defaults to `"gaussian_centered"`.
+        emulate_batch_size: The SGD batch size `b` that a name or template noise is
+            calibrated to, against each step's batch size `B`. Defaults to `None`.
+        momentum: Momentum, as in `keras.optimizers.SGD`. Defaults to `0.0`.
+        nesterov: Nesterov momentum. Defaults to `False`.
+        seed: Int seed of the noise stream; `None` draws one. Defaults to `None`.
+        **kwargs: Other `keras.optimizers.Optimizer` arguments (`weight_decay`,
+            `clipnorm`, `use_ema`, `gradient_accumulation_steps`, `name`, ...).
+
+    Example:
+
+    ```python
+    model = keras_noisygd.NoisyModel(inputs, outputs)
+    model.compile(
+        optimizer=keras_noisygd.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=32),
+        loss="sparse_categorical_crossentropy",
+    )
+    model.fit(x, y, batch_size=len(x), epochs=1000)   # full-batch noisy GD ~ SGD(32)
+    ```
+
+    References:
+        Wu et al., "On the Noisy Gradient Descent that Generalizes as SGD",
+        ICML 2020, https://arxiv.org/abs/1906.07405
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        noise="gaussian_centered",
+        emulate_batch_size=None,
+        momentum=0.0,
+        nesterov=False,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            noise=noise,
+            emulate_batch_size=emulate_batch_size,
+            seed=seed,
+            **kwargs,
+        )
+
+
+@_register
+class NoisyAdam(NoiseMixin, keras.optimizers.Adam):
+    """`keras.optimizers.Adam` on the multiplicative-noise gradient.
+
+    Same noise contract as `NoisyGD` (`noise`, `emulate_batch_size`, `seed`);
+    every other argument is Adam's. Adam's moments see the noisy gradient `G W`.
+
+    Args:
+        learning_rate: Defaults to `0.001`.
+        noise: Defaults to `"gaussian_centered"`.
+        emulate_batch_size: Defaults to `None`.
+        seed: Defaults to `None`.
+        **kwargs: Other `keras.optimizers.Adam` arguments.
+    """
+
+    def __init__(self, learning_rate=0.001, noise="gaussian_centered", emulate_batch_size=None, seed=None, **kwargs):
+        super().__init__(
+            learning_rate=learning_rate, noise=noise, emulate_batch_size=emulate_batch_size, seed=seed, **kwargs
+        )
+
+
+@_register
+class NoisyAdamW(NoiseMixin, keras.optimizers.AdamW):
+    """`keras.optimizers.AdamW` on the multiplicative-noise gradient (decoupled decay is not noised).
+
+    Args:
+        learning_rate: Defaults to `0.001`.
+        noise: Defaults to `"gaussian_centered"`.
+        emulate_batch_size: Defaults to `None`.
+        seed: Defaults to `None`.
+        **kwargs: Other `keras.optimizers.AdamW` arguments.
+    """
+
+    def __init__(self, learning_rate=0.001, noise="gaussian_centered", emulate_batch_size=None, seed=None, **kwargs):
+        super().__init__(
+            learning_rate=learning_rate, noise=noise, emulate_batch_size=emulate_batch_size, seed=seed, **kwargs
+        )
