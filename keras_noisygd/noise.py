@@ -116,14 +116,37 @@ def _as_seed(seed) -> tf.Tensor:
     return seed
 
 
-def _random_subset(seed, n, k):
-    """A boolean [n] mask of a uniform random k-subset (XLA-compilable).
+def _random_bits(seed, shape):
+    """Full-range int64 random bits: the one stream all samplers draw from.
 
-    Ranks of i.i.d. full-range int64 keys (ties have probability ~n^2/2^64):
-    the k smallest ranks form a uniform k-subset. Sorting compiles under XLA,
-    `tf.random.experimental.stateless_shuffle` does not.
+    TensorFlow's float kernels for stateless uniform and normal draw different
+    numbers under XLA; this integer stream is the same with and without
+    `jit_compile` as long as both seed entries lie in [0, 2**32) (seeds from
+    `stateless_split` do not), so the weights agree across the two modes.
+    Floats are derived from it below.
     """
-    keys = tf.random.stateless_uniform([n], seed, minval=None, maxval=None, dtype=tf.int64)
+    return tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.int64)
+
+
+def _uniform(bits):
+    """float64 uniforms in [0, 1) from the top 53 of each 64 random bits."""
+    top53 = tf.bitwise.right_shift(bits, 11) + 2**52
+    return tf.cast(top53, tf.float64) * 2.0**-53
+
+
+def _normal(bits, dtype):
+    """Standard normals by Box-Muller from a `[2, n]` block of random bits."""
+    u = _uniform(bits)
+    radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))
+    return tf.cast(radius * tf.cos(2.0 * math.pi * u[1]), dtype)
+
+
+def _subset(keys, k):
+    """A boolean mask of a uniform random k-subset, from i.i.d. int64 keys (XLA-compilable).
+
+    The k smallest ranks form a uniform k-subset (ties have probability
+    ~n^2/2^64). Sorting compiles under XLA; `stateless_shuffle` does not.
+    """
     ranks = tf.argsort(tf.argsort(keys))
     return ranks < tf.cast(k, ranks.dtype)
 
@@ -292,7 +315,7 @@ class SGDSampling(Sampler):
                 tf.zeros([n], dtype), draws[:, None], tf.ones([self.batch_size], dtype)
             )
             return scale * counts
-        return scale * tf.cast(_random_subset(seed, n, self.batch_size), dtype)
+        return scale * tf.cast(_subset(_random_bits(seed, [n]), self.batch_size), dtype)
 
     def covariance(self, batch_size):
         N, b = batch_size, self.batch_size
@@ -348,7 +371,7 @@ class Gaussian(Sampler):
         return "gaussian_centered" if self.centered else "gaussian"
 
     def _sample(self, seed, n, dtype):
-        eps = tf.random.stateless_normal([n], seed, dtype=dtype)
+        eps = _normal(_random_bits(seed, [2, n]), dtype)
         if self.centered:
             eps = eps - tf.reduce_mean(eps)
         return 1 + tf.cast(self.std, dtype) * eps
@@ -394,9 +417,8 @@ class Bernoulli(Sampler):
         _check_real("p", self.p, "in (0, 1]", lambda v: 0 < v <= 1)
 
     def _sample(self, seed, n, dtype):
-        p = tf.cast(self.p, dtype)
-        keep = tf.random.stateless_uniform([n], seed, dtype=dtype) < p
-        return tf.cast(keep, dtype) / p
+        keep = _uniform(_random_bits(seed, [n])) < tf.cast(self.p, tf.float64)  # float64: p = 1 keeps all
+        return tf.cast(keep, dtype) / tf.cast(self.p, dtype)
 
     def covariance(self, batch_size):
         return (1 / self.p - 1) * np.eye(batch_size)
@@ -453,9 +475,9 @@ class SparseGaussian(Sampler):
         return _check_at_most("num_noisy", self.num_noisy, "the number of examples N", n)
 
     def _sample(self, seed, n, dtype):
-        subset_seed, value_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        mask = tf.cast(_random_subset(subset_seed, n, self.num_noisy), dtype)
-        eps = tf.random.stateless_normal([n], value_seed, dtype=dtype) * mask
+        bits = _random_bits(seed, [3, n])
+        mask = tf.cast(_subset(bits[0], self.num_noisy), dtype)
+        eps = _normal(bits[1:], dtype) * mask
         if self.centered:
             eps = (eps - tf.reduce_sum(eps) / tf.cast(self.num_noisy, dtype)) * mask
         return 1 + tf.cast(self.std, dtype) * eps

@@ -67,8 +67,8 @@ class NoiseMixin:
         self.emulate_batch_size = emulate_batch_size
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"Argument `seed` must be None or an int in [0, 2**63). Received: seed={seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+            raise ValueError(f"Argument `seed` must be None or an int in [0, 2**31). Received: seed={seed!r}")
         self.seed = seed
         self._noise_state = self.add_variable(
             shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
