@@ -30,10 +30,12 @@ class NoisyTrainStep:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = batch_size_of(x)
-        noisy_weight = combine_weights(sample_weight, optimizer.noise_weights(batch_size))
+        weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
+        noisy_weight = combine_weights(sample_weight, weights)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=noisy_weight, training=True)
+            with _metrics_untouched(self):  # per-output loss metrics must see the clean loss only
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=noisy_weight, training=True)
             scaled_loss = self.optimizer.scale_loss(loss)
         # The clean loss is read before the update (regularizers see these weights).
         clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
@@ -50,6 +52,20 @@ class NoisyTrainStep:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=batch_size)
                 return
+
+
+class _metrics_untouched:
+    """Restores every metric variable on exit: `compute_loss` updates per-output loss metrics."""
+
+    def __init__(self, model):
+        self.variables = model.metrics_variables
+
+    def __enter__(self):
+        self.saved = [tf.identity(v.value) for v in self.variables]
+
+    def __exit__(self, *exc_info):
+        for variable, value in zip(self.variables, self.saved):
+            variable.assign(value)
 
 
 @_register
@@ -72,6 +88,32 @@ class NoisyModel(NoisyTrainStep, keras.Model):
     ```
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Like `keras.Model`, hand the functional form to a functional class. Keras
+        # would otherwise graft its functional base onto `NoisyModel` itself, and
+        # every later subclass of `NoisyModel` would then demand inputs/outputs.
+        if cls is NoisyModel and _functional_arguments(args, kwargs):
+            return super().__new__(NoisyFunctional)
+        return super().__new__(cls, *args, **kwargs)
+
+
+def _functional_arguments(args, kwargs):
+    return len(args) == 2 or (len(args) == 1 and "outputs" in kwargs) or {"inputs", "outputs"} <= kwargs.keys()
+
+
+def _keras_functional_class():
+    """The class of `keras.Model(inputs, outputs)`, through the public API.
+
+    `keras.Model.__new__` picks the functional class from the arguments alone;
+    nothing is initialised (no layer, name or dtype policy is created).
+    """
+    return type(keras.Model.__new__(keras.Model, None, None))
+
+
+@_register
+class NoisyFunctional(NoisyModel, _keras_functional_class()):
+    """What `NoisyModel(inputs, outputs)` builds: a Keras functional model with the noisy step."""
+
 
 @_register
 class NoisySequential(NoisyTrainStep, keras.Sequential):
@@ -79,7 +121,7 @@ class NoisySequential(NoisyTrainStep, keras.Sequential):
 
 
 @_register
-class _NoisyWrapper(NoisyModel):
+class NoisyWrapper(NoisyModel):
     """Wraps a subclassed model that cannot be rebuilt from its graph."""
 
     def __init__(self, model, **kwargs):
@@ -120,7 +162,7 @@ def noisy(model):
         return NoisySequential(model.layers, name=model.name)
     if _is_functional(model):
         return NoisyModel(model.inputs, model.outputs, name=model.name)
-    return _NoisyWrapper(model, name=model.name)
+    return NoisyWrapper(model, name=model.name)
 
 
 def _is_functional(model):

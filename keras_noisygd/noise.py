@@ -78,8 +78,8 @@ def _check_bool(name, value):
         raise ValueError(f"Argument `{name}` must be True or False. Received: {name}={value!r}")
 
 
-def _check_at_most(name, value, limit_name, limit):
-    """`value <= limit`, raised now for Python ints, asserted at run time for tensors."""
+def check_at_most(name, value, limit_name, limit):
+    """`value <= limit`: raised now for Python ints; a list of run-time conditions for tensors."""
     if not tf.is_tensor(value) and not tf.is_tensor(limit):
         if value > limit:
             raise ValueError(
@@ -87,8 +87,24 @@ def _check_at_most(name, value, limit_name, limit):
                 f"Received: {name}={value}, {limit_name}={limit}"
             )
         return []
-    message = f"Argument `{name}` must be <= {limit_name}."
-    return [tf.debugging.assert_less_equal(tf.cast(value, tf.int64), tf.cast(limit, tf.int64), message=message)]
+    ok = tf.cast(value, tf.int64) <= tf.cast(limit, tf.int64)
+    return [(ok, f"Argument `{name}` must be <= {limit_name}.")]
+
+
+def guarded(weights, conditions):
+    """`weights`, checked against run-time `(condition, message)` pairs.
+
+    Without XLA a failed condition raises `InvalidArgumentError` with its
+    message. XLA drops assertions, so the weights are also replaced by NaN:
+    the loss turns NaN (which `keras.callbacks.TerminateOnNaN` stops on) rather
+    than training silently with the wrong noise.
+    """
+    if not conditions:
+        return weights
+    asserts = [tf.debugging.Assert(ok, [message]) for ok, message in conditions]
+    all_ok = tf.reduce_all(tf.stack([ok for ok, _ in conditions]))
+    with tf.control_dependencies(asserts):
+        return tf.where(all_ok, weights, tf.constant(float("nan"), weights.dtype))
 
 
 def _sqrt(x):
@@ -191,9 +207,8 @@ class Sampler:
                 f"`{type(self).__name__}.emulating(b, N)`."
             )
         _check_int("batch_size", batch_size, 1)
-        checks = self._check_batch(batch_size)
-        with tf.control_dependencies(checks):
-            return self._sample(_as_seed(seed), batch_size, tf.as_dtype(dtype))
+        conditions = self._check_batch(batch_size)
+        return guarded(self._sample(_as_seed(seed), batch_size, tf.as_dtype(dtype)), conditions)
 
     def covariance(self, batch_size: int) -> np.ndarray:
         """The exact `[batch_size, batch_size]` covariance matrix of the weights (NumPy)."""
@@ -204,7 +219,9 @@ class Sampler:
         """This noise class calibrated to the covariance of SGD with batch `b` out of `N`.
 
         Args:
-            b: The emulated SGD batch size, `1 <= b <= N`.
+            b: The emulated SGD batch size, `1 <= b <= N` (checked here when `N`
+                is a Python int; a tensor `N` is checked by the sampler's user,
+                e.g. `NoiseMixin.noise_weights`).
             N: The population the batch is drawn from: the training-set size for
                 full-batch noisy GD, the actual batch size for the large-batch variant.
             **kwargs: The class's structural arguments (`centered`, `replacement`,
@@ -303,7 +320,7 @@ class SGDSampling(Sampler):
     def _check_batch(self, n):
         if self.replacement:
             return []
-        return _check_at_most("batch_size", self.batch_size, "the number of examples N", n)
+        return check_at_most("batch_size", self.batch_size, "the number of examples N", n)
 
     def _sample(self, seed, n, dtype):
         scale = tf.cast(n, dtype) / tf.cast(self.batch_size, dtype)
@@ -330,7 +347,7 @@ class SGDSampling(Sampler):
         """`SGDSampling(b, replacement)`: exact by construction (checks `b <= N`)."""
         _check_int("b", b, 1)
         if not replacement:
-            _check_at_most("b", b, "N", N)
+            check_at_most("b", b, "N", N)
         return cls(batch_size=b, replacement=replacement)
 
 
@@ -384,15 +401,14 @@ class Gaussian(Sampler):
     def emulating(cls, b, N, centered=False):
         """`std^2 = N/b` (uncentred) or `N(N-b)/(b(N-1))` (centred)."""
         _check_int("b", b, 1)
-        checks = _check_at_most("b", b, "N", N)
+        check_at_most("b", b, "N", N)
         n = _as_float(N)
-        with tf.control_dependencies(checks):
-            if centered:
-                # N = 1 forces b = 1, where SGD has no noise (0/0 otherwise).
-                variance = n * (n - b) / (b * _maximum(n - 1, 1.0))
-            else:
-                variance = n / b
-            return cls(std=_sqrt(variance), centered=centered)
+        if centered:
+            # N = 1 forces b = 1, where SGD has no noise (0/0 otherwise).
+            variance = n * (n - b) / (b * _maximum(n - 1, 1.0))
+        else:
+            variance = n / b
+        return cls(std=_sqrt(variance), centered=centered)
 
 
 @_register
@@ -427,9 +443,8 @@ class Bernoulli(Sampler):
     def emulating(cls, b, N):
         """`p = b / N`."""
         _check_int("b", b, 1)
-        checks = _check_at_most("b", b, "N", N)
-        with tf.control_dependencies(checks):
-            return cls(p=b / _as_float(N))
+        check_at_most("b", b, "N", N)
+        return cls(p=b / _as_float(N))
 
 
 @_register
@@ -472,7 +487,7 @@ class SparseGaussian(Sampler):
         return "sparse_gaussian_centered" if self.centered else "sparse_gaussian"
 
     def _check_batch(self, n):
-        return _check_at_most("num_noisy", self.num_noisy, "the number of examples N", n)
+        return check_at_most("num_noisy", self.num_noisy, "the number of examples N", n)
 
     def _sample(self, seed, n, dtype):
         bits = _random_bits(seed, [3, n])
@@ -494,11 +509,10 @@ class SparseGaussian(Sampler):
         _check_int("b", b, 1)
         k = b if num_noisy is None else num_noisy
         _check_int("num_noisy", k, 2 if centered else 1)
-        checks = _check_at_most("b", b, "N", N)
+        check_at_most("b", b, "N", N)
         n = _as_float(N)
-        with tf.control_dependencies(checks):
-            variance = n * (n - b) / (b * (k - 1)) if centered else n * n / (b * k)
-            return cls(num_noisy=k, std=_sqrt(variance), centered=centered)
+        variance = n * (n - b) / (b * (k - 1)) if centered else n * n / (b * k)
+        return cls(num_noisy=k, std=_sqrt(variance), centered=centered)
 
 
 # --------------------------------------------------------------------------

@@ -95,10 +95,11 @@ class NoiseMixin:
             A `[batch_size]` tensor.
         """
         self._noise_drawn = True
-        sampler = self.noise
-        if self.emulate_batch_size is not None:
-            sampler = sampler.calibrated(self.emulate_batch_size, batch_size)
-        return sampler.sample(self._noise_state.value, batch_size, dtype)
+        b, sampler, conditions = self.emulate_batch_size, self.noise, []
+        if b is not None:
+            conditions = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", batch_size)
+            sampler = sampler.calibrated(b, batch_size)
+        return noise_lib.guarded(sampler.sample(self._noise_state.value, batch_size, dtype), conditions)
 
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
@@ -140,6 +141,8 @@ def _validated_noise(noise, emulate_batch_size):
             f"Argument `emulate_batch_size` calibrates a noise template, but `noise` is already "
             f"configured: {sampler!r}. Pass one or the other. Received: emulate_batch_size={b}"
         )
+    if b is not None:
+        sampler.calibrated(b, b)  # raises now, not at the first step, if b cannot be emulated
     return sampler
 
 

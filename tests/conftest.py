@@ -16,7 +16,9 @@ def _fixed_keras_seed():
 @pytest.fixture
 def float64():
     """Keras floatx float64 (Keras losses compute in floatx) for exact comparisons."""
-    previous = keras.config.floatx()
+    previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # layers read the (cached) global policy
     yield
-    keras.config.set_floatx(previous)
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])

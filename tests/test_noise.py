@@ -180,7 +180,12 @@ def test_bad_arguments_raise_clear_errors(make, message):
         make()
 
 
-def test_too_small_dynamic_batch_fails_at_run_time():
-    fn = tf.function(lambda n: noise.Gaussian(centered=True).calibrated(5, n).std)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="`b` must be <= N"):
-        fn(tf.constant(4))
+@pytest.mark.parametrize("sampler", [noise.SGDSampling(5), noise.SparseGaussian(5, 1.0)], ids=repr)
+def test_too_small_dynamic_batch_fails_at_run_time(sampler):
+    graph = tf.function(lambda n: sampler.sample(0, n))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be <= the number of examples N"):
+        graph(tf.constant(4))
+    # XLA drops assertions; the weights are NaN instead of silently wrong.
+    xla = tf.function(lambda n: sampler.sample(0, n), jit_compile=True)
+    assert np.isnan(xla(tf.constant(4)).numpy()).all()
+    np.testing.assert_array_equal(xla(tf.constant(8)).numpy(), sampler.sample(0, 8).numpy())

@@ -1,0 +1,210 @@
+"""NoisyModel / NoisySequential / noisy() in ordinary Keras workflows."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_noisygd as kn
+from keras_noisygd import noise
+from helpers import classification_data, mlp
+
+LOSS = "sparse_categorical_crossentropy"
+
+
+class BatchCounter(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches = getattr(self, "batches", 0) + 1
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_reported_loss_and_metrics_are_the_clean_ones(jit_compile):
+    # With learning rate 0 the weights never move, so the training logs of a noisy
+    # fit must equal `evaluate` on the same data and user sample weights exactly
+    # (up to float32 summation order) -- the noisy loss would differ by ~std/sqrt(B).
+    x, y = classification_data(64)
+    s = np.linspace(0.2, 2.0, 64)
+    model = mlp()
+    model.compile(kn.NoisyGD(0.0, noise=noise.Gaussian(3.0), seed=1), LOSS, metrics=["accuracy"], weighted_metrics=["accuracy"], jit_compile=jit_compile)
+    counter = BatchCounter()
+    history = model.fit(x, y, sample_weight=s, batch_size=64, epochs=2, verbose=0, callbacks=[counter])
+    evaluated = model.evaluate(x, y, sample_weight=s, batch_size=64, verbose=0, return_dict=True)
+    assert counter.batches == 2
+    for name in ("loss", "accuracy", "weighted_accuracy"):
+        np.testing.assert_allclose(history.history[name], [evaluated[name]] * 2, rtol=1e-6)
+    noisy_loss = model.compute_loss(x, y, model(x), sample_weight=s * model.optimizer.noise_weights(64).numpy())
+    assert abs(float(noisy_loss) - evaluated["loss"]) > 1e-3  # the check above can tell them apart
+
+
+def test_per_output_losses_of_a_two_output_model_are_clean():
+    x, y = classification_data(32)
+    inputs = keras.Input((5,))
+    model = kn.NoisyModel(inputs, {"a": keras.layers.Dense(3, name="a")(inputs), "b": keras.layers.Dense(3, name="b")(inputs)})
+    losses = {"a": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
+    model.compile(kn.NoisyGD(0.0, noise=noise.Gaussian(2.0), seed=3), losses)
+    history = model.fit(x, {"a": y, "b": y}, batch_size=32, epochs=1, verbose=0)
+    evaluated = model.evaluate(x, {"a": y, "b": y}, batch_size=32, verbose=0, return_dict=True)
+    for name in ("loss", "a_loss", "b_loss"):
+        np.testing.assert_allclose(history.history[name][0], evaluated[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_one_fit_step_is_the_noisy_gradient_step(jit_compile):
+    x, y = classification_data(16)
+    model = mlp()
+    reference = mlp(model_class=keras.Model)
+    reference.set_weights(model.get_weights())
+    reference.compile(loss=LOSS)
+    sampler = noise.Bernoulli(0.5)
+    model.compile(kn.NoisyGD(0.5, noise=sampler, seed=11), LOSS, jit_compile=jit_compile)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    grads = kn.noisy_gradients(reference, x, y, sampler.sample([11, 0], 16))
+    for w, w0, g in zip(model.trainable_weights, reference.trainable_weights, grads):
+        # float32; graph/XLA vs eager differ by rounding only.
+        np.testing.assert_allclose(w.numpy(), w0.numpy() - 0.5 * g.numpy(), rtol=1e-5, atol=1e-6)
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(7, activation="tanh")
+        self.out = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, inputs, training=None):
+        return self.out(self.hidden(inputs))
+
+
+def make_sequential():
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(7, activation="tanh"), keras.layers.Dense(3, activation="softmax")])
+
+
+@pytest.mark.parametrize("make", [make_sequential, lambda: mlp(model_class=keras.Model), Subclassed], ids=["sequential", "functional", "subclassed"])
+def test_noisy_shares_layers_and_weights(make):
+    x, y = classification_data(16)
+    original = make()
+    original(x[:1])
+    wrapped = kn.noisy(original)
+    assert isinstance(wrapped, kn.NoisyTrainStep) and kn.noisy(wrapped) is wrapped
+    assert {id(v) for v in wrapped.trainable_variables} == {id(v) for v in original.trainable_variables}
+    before = [v.numpy() for v in original.trainable_variables]
+    wrapped.compile(kn.NoisyGD(0.1, noise="gaussian_centered", emulate_batch_size=4, seed=0), LOSS)
+    wrapped.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert all(np.abs(v.numpy() - b).max() > 0 for v, b in zip(original.trainable_variables, before))
+    np.testing.assert_allclose(wrapped.predict(x, verbose=0), original.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_a_stock_model_with_noisy_gd_fails_at_the_start_of_fit():
+    x, y = classification_data(16)
+    model = mlp(model_class=keras.Model)
+    before = model.get_weights()
+    model.compile(kn.NoisyGD(0.1, emulate_batch_size=4), LOSS)
+    with pytest.raises(ValueError, match=r"would silently train without noise.*keras_noisygd.noisy\(model\)"):
+        model.fit(x, y, verbose=0)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_noisy_model_with_a_stock_optimizer_is_a_keras_model():
+    x, y = classification_data(16)
+    stock = mlp(model_class=keras.Model)
+    model = mlp()
+    model.set_weights(stock.get_weights())
+    for m in (stock, model):
+        m.compile(keras.optimizers.SGD(0.1, momentum=0.5), LOSS, metrics=["accuracy"])
+    h1 = stock.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    h2 = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert h1.history == h2.history
+    for a, b in zip(model.get_weights(), stock.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_smaller_than_the_emulated_one_is_refused():
+    x, y = classification_data(16)
+    model = mlp()
+    model.compile(kn.NoisyGD(0.1, noise="gaussian_centered", emulate_batch_size=32), LOSS)
+    with pytest.raises(ValueError, match=r"Argument `emulate_batch_size` must be <= the batch size B of every step. Received: emulate_batch_size=32, the batch size B of every step=16"):
+        model.fit(x, y, batch_size=16, verbose=0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_partial_last_batch_below_the_emulated_size_is_never_trained_on_silently(jit_compile):
+    # 20 examples in batches of 16: the second trace sees a dynamic batch of 4 < b = 8.
+    x, y = classification_data(20)
+    model = mlp()
+    model.compile(kn.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=8, seed=0), LOSS, jit_compile=jit_compile)
+    if not jit_compile:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="`emulate_batch_size` must be <= the batch size B"):
+            model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    else:
+        # XLA drops assertions: the noise weights turn NaN, so does the update, and
+        # TerminateOnNaN stops the run at the next batch (the reported loss is the
+        # clean one, computed before the update).
+        history = model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
+        assert model.stop_training and len(history.history["loss"]) == 2
+        assert np.isnan(history.history["loss"][-1]) and np.isnan(model.get_weights()[0]).all()
+
+
+def test_partial_last_batch_is_calibrated_to_its_own_size():
+    # 20 examples in batches of 16: the last batch has 4, calibrated as b=2 out of 4.
+    x, y = classification_data(20)
+    model = mlp()
+    model.compile(kn.NoisyGD(0.1, noise="gaussian_centered", emulate_batch_size=2, seed=0), LOSS)
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    np.testing.assert_array_equal(model.optimizer.noise_state.numpy(), [0, 4])
+
+
+@pytest.mark.parametrize("model_kind", ["functional", "sequential"])
+def test_keras_file_round_trip_keeps_weights_optimizer_and_noise_state(tmp_path, model_kind):
+    x, y = classification_data(32)
+    model = mlp() if model_kind == "functional" else kn.noisy(make_sequential())
+    model.compile(kn.NoisyGD(0.1, noise="sparse_gaussian_centered", emulate_batch_size=4, momentum=0.5, seed=21), LOSS, metrics=["accuracy"])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Training on from the file gives exactly what training on in memory gives.
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_subclass_wrapper_round_trips(tmp_path):
+    x, y = classification_data(16)
+    model = kn.noisy(Subclassed())
+    model.compile(kn.NoisyGD(0.1, noise="none"), LOSS)
+    model.fit(x, y, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", custom_objects={"Subclassed": Subclassed})
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_functional_and_subclassed_noisy_models_coexist():
+    # Keras grafts its functional base onto a Model subclass used functionally;
+    # NoisyModel must stay subclassable after a functional NoisyModel exists.
+    x, y = classification_data(16)
+    functional = mlp()
+
+    class Net(kn.NoisyModel):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3, activation="softmax")
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    net = Net()
+    for model in (functional, net, mlp()):
+        assert isinstance(model, kn.NoisyModel)
+        model.compile(kn.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=4, seed=0), LOSS)
+        assert np.isfinite(model.fit(x, y, verbose=0).history["loss"]).all()
+
+
+def test_noisy_rejects_non_models():
+    with pytest.raises(ValueError, match=r"Argument `model` must be a `keras.Model`. Received: model="):
+        kn.noisy(keras.layers.Dense(3))
