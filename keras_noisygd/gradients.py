@@ -44,13 +44,17 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
         y: Targets of the batch.
         weights: `[B]` loss weights, e.g. `optimizer.noise_weights(B)`.
         loss: `None` to use the model's compiled loss (`model.compute_loss`),
-            or a Keras loss (name, function or `keras.losses.Loss`) reduced as a
-            mean over the batch. Defaults to `None`.
+            or a Keras loss: a `keras.losses.Loss` (its own reduction applies;
+            the default `"sum_over_batch_size"` is the `1/B` above), or a name or
+            function giving per-example values, averaged over the batch.
+            Defaults to `None`.
         sample_weight: Optional user weights, multiplied with `weights`.
             Defaults to `None`.
 
     Returns:
-        A list of gradients, one per `model.trainable_variables`.
+        A list of gradients, one per `model.trainable_variables`. Under mixed
+        precision, scale the loss yourself or use `NoisyModel.fit`, which goes
+        through `optimizer.scale_loss`.
 
     Example:
 

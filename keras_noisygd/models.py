@@ -34,7 +34,7 @@ class NoisyTrainStep:
         noisy_weight = combine_weights(sample_weight, weights)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            with _metrics_untouched(self):  # per-output loss metrics must see the clean loss only
+            with _per_output_loss_metrics_untouched(self, y_pred):  # they must see the clean loss only
                 loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=noisy_weight, training=True)
             scaled_loss = self.optimizer.scale_loss(loss)
         # The clean loss is read before the update (regularizers see these weights).
@@ -54,11 +54,17 @@ class NoisyTrainStep:
                 return
 
 
-class _metrics_untouched:
-    """Restores every metric variable on exit: `compute_loss` updates per-output loss metrics."""
+class _per_output_loss_metrics_untouched:
+    """Restores the per-output loss metrics on exit: `compute_loss` updates them.
 
-    def __init__(self, model):
-        self.variables = model.metrics_variables
+    Keras keeps one `"<output>_loss"` metric per output of a multi-output
+    model; a single output has none, and then this costs nothing.
+    """
+
+    def __init__(self, model, y_pred):
+        single_output = len(tf.nest.flatten(y_pred)) == 1
+        metrics = [] if single_output else [m for m in model.metrics if m.name.endswith("_loss")]
+        self.variables = [v for m in metrics for v in m.variables]
 
     def __enter__(self):
         self.saved = [tf.identity(v.value) for v in self.variables]

@@ -3,7 +3,8 @@
 Every sampler here draws a vector ``m`` of per-example *loss weights* with
 ``E[m_i] = 1``. Training on the re-weighted loss ``(1/B) sum_i m_i l_i`` takes
 the step ``G W`` with ``W = m / B``: the paper's multiplicative noise, in one
-backward pass (paper-notes, sections 2 and 3).
+backward pass. The docs' "The idea" page has the maths; the noise classes and
+their calibration follow Wu et al., ICML 2020 (https://arxiv.org/abs/1906.07405).
 
 Samplers are small frozen value objects. `sample(seed, batch_size, dtype)` is a
 pure function of its seed, built on `tf.random.stateless_*`, and compiles with
@@ -228,7 +229,7 @@ class Sampler:
                 `num_noisy`).
 
         Returns:
-            A sampler whose weights have the covariance in paper-notes, section 3.
+            A sampler whose weights have the covariance given in the class docstring.
         """
         raise NotImplementedError
 
@@ -271,8 +272,9 @@ class NoNoise(Sampler):
 
     Example:
 
-    >>> keras_noisygd.noise.NoNoise().sample(0, 3).numpy()
-    array([1., 1., 1.], dtype=float32)
+    ```python
+    keras_noisygd.noise.NoNoise().sample(0, 3)   # [1., 1., 1.]
+    ```
     """
 
     name: ClassVar[str] = "none"
@@ -370,9 +372,10 @@ class Gaussian(Sampler):
 
     Example:
 
-    >>> noise = keras_noisygd.noise.Gaussian.emulating(b=32, N=1000, centered=True)
-    >>> round(noise.std, 3)
-    5.503
+    ```python
+    noise = keras_noisygd.noise.Gaussian.emulating(b=32, N=1000, centered=True)
+    noise.std   # sqrt(1000 * 968 / (32 * 999)) = 5.503
+    ```
     """
 
     std: Optional[float] = None
@@ -528,8 +531,9 @@ _TEMPLATES = {
     "sparse_gaussian_centered": SparseGaussian(centered=True),
 }
 
-#: The string names `get` accepts, in the order of paper-notes section 3.
 NAMES = tuple(_TEMPLATES)
+"""The string names `get` accepts: `"none"`, `"sgd"`, `"gaussian"`, `"gaussian_centered"`,
+`"bernoulli"`, `"sparse_gaussian"`, `"sparse_gaussian_centered"`."""
 
 
 def get(identifier):
@@ -546,8 +550,9 @@ def get(identifier):
 
     Example:
 
-    >>> keras_noisygd.noise.get("gaussian_centered")
-    Gaussian(std=None, centered=True)
+    ```python
+    keras_noisygd.noise.get("gaussian_centered")   # Gaussian(std=None, centered=True)
+    ```
     """
     if isinstance(identifier, str):
         if identifier not in _TEMPLATES:

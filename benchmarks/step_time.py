@@ -1,0 +1,109 @@
+"""Training-step time of NoisyModel + NoisyGD against keras.Model + keras.optimizers.SGD.
+
+Same architecture, initial weights, batch, loss and metrics; XLA on and off. Both
+are timed inside `fit` on a repeated in-memory batch (steps_per_execution keeps
+Python out of the loop), alternating A/B rounds so machine noise hits both
+alike. Prints the median per-step times, the median of the per-round ratios
+noisy/stock, and the 25th-75th percentile of those ratios: on a shared machine
+the spread between rounds is often larger than the difference being measured.
+
+    python benchmarks/step_time.py [--rounds 15] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_noisygd as kn  # noqa: E402
+
+
+def paper_cnn():
+    """The paper's small Fashion-MNIST network (11,330 parameters)."""
+    return [
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(10, 5),
+        keras.layers.MaxPooling2D(),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(10, 5),
+        keras.layers.MaxPooling2D(),
+        keras.layers.ReLU(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(50, activation="relu"),
+        keras.layers.Dense(10),
+    ]
+
+
+def mlp():
+    return [keras.Input((784,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)]
+
+
+MODELS = {"paper_cnn": (paper_cnn, (28, 28, 1)), "mlp_784_256_256_10": (mlp, (784,))}
+
+
+def build(layers_fn, model_class, optimizer, jit_compile):
+    keras.utils.set_random_seed(0)
+    model = model_class(layers_fn())
+    model.compile(
+        optimizer,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+        steps_per_execution=20,
+    )
+    return model
+
+
+def seconds_per_step(model, data, steps):
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--noise", default="gaussian_centered", help="noise name, emulating SGD(b=32)")
+    args = parser.parse_args(argv)
+
+    print(f"batch {args.batch_size}, noise {args.noise} ~ SGD(32), {args.steps} steps x {args.rounds} rounds (median)")
+    print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14}")
+    rng = np.random.default_rng(0)
+    for name, (layers_fn, shape) in MODELS.items():
+        x = rng.normal(size=(args.batch_size, *shape)).astype("float32")
+        y = rng.integers(0, 10, args.batch_size)
+        data = tf.data.Dataset.from_tensors((x, y)).repeat()
+        for jit_compile in (False, True):
+            stock = build(layers_fn, keras.Sequential, keras.optimizers.SGD(0.01), jit_compile)
+            noisy = build(
+                layers_fn, kn.NoisySequential,
+                kn.NoisyGD(0.01, noise=args.noise, emulate_batch_size=32, seed=0), jit_compile,
+            )
+            for model in (stock, noisy):  # trace and compile outside the timing
+                seconds_per_step(model, data, 20)
+            times = {"stock": [], "noisy": []}
+            for round_ in range(args.rounds):  # ABBA order: neither runs first every time
+                order = ("stock", "noisy") if round_ % 2 == 0 else ("noisy", "stock")
+                for key in order:
+                    times[key].append(seconds_per_step(stock if key == "stock" else noisy, data, args.steps))
+            ratios = [n / s for n, s in zip(times["noisy"], times["stock"])]
+            quartiles = statistics.quantiles(ratios, n=4)
+            print(
+                f"{name:<20} {str(jit_compile):<5} {1e3 * statistics.median(times['stock']):>9.3f} "
+                f"{1e3 * statistics.median(times['noisy']):>9.3f} {statistics.median(ratios):>7.3f} "
+                f"{quartiles[0]:>7.3f}-{quartiles[2]:.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Set up `.venv` and run one of the project's jobs. Needs only Python 3.10+ and pip.
+
+    python3 tasks.py demo    # the demo: noisy GD vs GD vs SGD on bundled digits
+    python3 tasks.py test    # the test suite, then the docs build (warnings are errors)
+    python3 tasks.py bench   # benchmarks/step_time.py
+    python3 tasks.py docs    # build the docs site into site/
+
+The virtual environment is (re)installed when setup.cfg or the extras change.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+EXTRAS = {"demo": "examples", "test": "test,examples,docs", "bench": "examples", "docs": "docs"}
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+
+
+def run(*command):
+    print("+", " ".join(str(c) for c in command), flush=True)
+    return subprocess.call([str(c) for c in command], cwd=ROOT, env=ENV)
+
+
+def ensure_venv(extras):
+    stamp_file = VENV / "keras_noisygd-setup.stamp"
+    installed = set(stamp_file.read_text().split()) if stamp_file.exists() else set()
+    config_hash = hashlib.sha256((ROOT / "setup.cfg").read_bytes()).hexdigest()
+    wanted = {config_hash, *extras.split(",")}
+    if wanted <= installed:
+        return
+    if not PYTHON.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    if run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip") != 0:
+        sys.exit("pip upgrade failed")
+    if run(PYTHON, "-m", "pip", "install", "--quiet", "-e", f".[{extras}]") != 0:
+        sys.exit("installing the package failed")
+    keep = installed if config_hash in installed else set()
+    stamp_file.write_text(" ".join(sorted(keep | wanted)))
+
+
+def main(argv):
+    job = argv[0] if argv else ""
+    if job not in EXTRAS:
+        sys.exit(__doc__)
+    ensure_venv(EXTRAS[job])
+    if job == "demo":
+        return run(PYTHON, "examples/demo.py", *argv[1:])
+    if job == "test":
+        code = run(PYTHON, "-m", "pytest", "-q", *argv[1:])
+        return code or run(PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet")
+    if job == "bench":
+        return run(PYTHON, "benchmarks/step_time.py", *argv[1:])
+    return run(PYTHON, "-m", "mkdocs", "build", "--strict")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
