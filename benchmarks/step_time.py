@@ -74,12 +74,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--noise", default="gaussian_centered", help="noise name, emulating SGD(b=32)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     args = parser.parse_args(argv)
 
     print(f"batch {args.batch_size}, noise {args.noise} ~ SGD(32), {args.steps} steps x {args.rounds} rounds (median)")
     print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14}")
     rng = np.random.default_rng(0)
-    for name, (layers_fn, shape) in MODELS.items():
+    for name in args.models.split(","):
+        layers_fn, shape = MODELS[name]
         x = rng.normal(size=(args.batch_size, *shape)).astype("float32")
         y = rng.integers(0, 10, args.batch_size)
         data = tf.data.Dataset.from_tensors((x, y)).repeat()

@@ -25,6 +25,14 @@ class NoisyTrainStep:
     """
 
     def train_step(self, data):
+        """One noisy step: draw `m`, descend `(1/B) sum_i m_i s_i l_i + reg`, report clean values.
+
+        Args:
+            data: A batch `(x, y, sample_weight)` as `fit` passes it.
+
+        Returns:
+            The logs dict of `compute_metrics`, with the clean `loss`.
+        """
         optimizer = find_noisy_optimizer(self.optimizer)
         if optimizer is None:
             return super().train_step(data)
