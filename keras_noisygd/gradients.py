@@ -16,14 +16,22 @@ def batch_size_of(x):
 
 
 def combine_weights(sample_weight, weights):
-    """The user's `sample_weight` (None, a tensor or a nest of them) times the `[B]` noise weights."""
+    """The user's `sample_weight` (None, a tensor or a nest of them) times the `[B]` noise weights.
+
+    Each user weight tensor (`[B]`, `[B, 1]`, `[B, T]`, ...) is cast to the noise
+    weights' float dtype (integer masks would otherwise truncate the noise) and
+    multiplied by them along its first axis.
+    """
     if sample_weight is None:
         return weights
 
     def times(w):
-        w = tf.convert_to_tensor(w)
-        m = tf.cast(weights, w.dtype)
-        return w * tf.reshape(m, [-1] + [1] * (w.shape.rank - 1))
+        if w is None:
+            return weights
+        w = tf.cast(w, weights.dtype)
+        if w.shape.rank is None:
+            raise ValueError(f"Argument `sample_weight` must have a known rank. Received: sample_weight={w!r}")
+        return w * tf.reshape(weights, [-1] + [1] * (w.shape.rank - 1))
 
     return tf.nest.map_structure(times, sample_weight)
 
@@ -85,5 +93,7 @@ def _weighted_loss(loss_fn, y, y_pred, weights):
             "Argument `loss` must return one loss value per example to be re-weighted by the "
             f"noise. Received: a loss {loss_fn!r} that returns a scalar"
         )
-    per_example = tf.reduce_mean(per_example, axis=list(range(1, per_example.shape.rank)))
-    return tf.reduce_mean(tf.cast(weights, per_example.dtype) * per_example)
+    weights = tf.cast(weights, per_example.dtype)
+    if weights.shape.rank != per_example.shape.rank:  # [B] weights on [B, T, ...] losses
+        weights = tf.reshape(weights, [-1] + [1] * (per_example.shape.rank - 1))
+    return tf.reduce_mean(weights * per_example)

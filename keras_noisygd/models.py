@@ -36,6 +36,7 @@ class NoisyTrainStep:
         optimizer = find_noisy_optimizer(self.optimizer)
         if optimizer is None:
             return super().train_step(data)
+        _check_reductions(self.loss)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = batch_size_of(x)
         weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
@@ -60,6 +61,21 @@ class NoisyTrainStep:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=batch_size)
                 return
+
+
+_NOISE_PRESERVING_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
+
+
+def _check_reductions(loss):
+    """The noisy loss must be `sum_i m_i l_i` over a constant: no division by `sum_i m_i`."""
+    for loss_fn in tf.nest.flatten(loss):
+        reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
+        if reduction not in _NOISE_PRESERVING_REDUCTIONS:
+            raise ValueError(
+                f"The compiled loss {loss_fn!r} must reduce with one of {list(_NOISE_PRESERVING_REDUCTIONS)} "
+                "so that the noise weights enter as G W (a reduction that divides by the sum of the "
+                f"weights, or none, changes the noise). Received: reduction={reduction!r}"
+            )
 
 
 class _per_output_loss_metrics_untouched:
@@ -104,11 +120,24 @@ class NoisyModel(NoisyTrainStep, keras.Model):
 
     def __new__(cls, *args, **kwargs):
         # Like `keras.Model`, hand the functional form to a functional class. Keras
-        # would otherwise graft its functional base onto `NoisyModel` itself, and
-        # every later subclass of `NoisyModel` would then demand inputs/outputs.
-        if cls is NoisyModel and _functional_arguments(args, kwargs):
-            return super().__new__(NoisyFunctional)
+        # would otherwise graft its functional base onto `NoisyModel` (or the user's
+        # subclass) itself, and every later subclass would then demand inputs/outputs.
+        if _functional_arguments(args, kwargs) and not issubclass(cls, NoisyFunctional):
+            cls = _functional_version(cls)
         return super().__new__(cls, *args, **kwargs)
+
+
+_FUNCTIONAL_VERSIONS = {}
+
+
+def _functional_version(cls):
+    """`NoisyFunctional` for `NoisyModel`; for a user subclass, one that also derives from it."""
+    if cls is NoisyModel:
+        return NoisyFunctional
+    if cls not in _FUNCTIONAL_VERSIONS:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _FUNCTIONAL_VERSIONS[cls] = type(cls.__name__, (cls, NoisyFunctional), namespace)
+    return _FUNCTIONAL_VERSIONS[cls]
 
 
 def _functional_arguments(args, kwargs):
@@ -173,9 +202,13 @@ def noisy(model):
     if not isinstance(model, keras.Model):
         raise ValueError(f"Argument `model` must be a `keras.Model`. Received: model={model!r}")
     if isinstance(model, keras.Sequential):
-        return NoisySequential(model.layers, name=model.name)
+        sequential = NoisySequential(model.layers, name=model.name)
+        if model.built:
+            sequential.build(model.input_shape)
+        return sequential
     if _is_functional(model):
-        return NoisyModel(model.inputs, model.outputs, name=model.name)
+        # `input`/`output` keep dict and nested structures; `inputs`/`outputs` are flat lists.
+        return NoisyModel(model.input, model.output, name=model.name)
     return NoisyWrapper(model, name=model.name)
 
 

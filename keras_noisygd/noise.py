@@ -116,6 +116,11 @@ def _maximum(x, y):
     return tf.maximum(x, y) if tf.is_tensor(x) else max(x, y)
 
 
+def _as_tensor(x, dtype):
+    """`x` in `dtype`; a Python float goes straight there (`tf.cast` would round it through float32)."""
+    return tf.cast(x, dtype) if tf.is_tensor(x) else tf.constant(x, dtype)
+
+
 def _as_float(n):
     return tf.cast(n, tf.float64) if tf.is_tensor(n) else float(n)
 
@@ -394,7 +399,7 @@ class Gaussian(Sampler):
         eps = _normal(_random_bits(seed, [2, n]), dtype)
         if self.centered:
             eps = eps - tf.reduce_mean(eps)
-        return 1 + tf.cast(self.std, dtype) * eps
+        return 1 + _as_tensor(self.std, dtype) * eps
 
     def covariance(self, batch_size):
         base = _centering(batch_size) if self.centered else np.eye(batch_size)
@@ -436,8 +441,8 @@ class Bernoulli(Sampler):
         _check_real("p", self.p, "in (0, 1]", lambda v: 0 < v <= 1)
 
     def _sample(self, seed, n, dtype):
-        keep = _uniform(_random_bits(seed, [n])) < tf.cast(self.p, tf.float64)  # float64: p = 1 keeps all
-        return tf.cast(keep, dtype) / tf.cast(self.p, dtype)
+        keep = _uniform(_random_bits(seed, [n])) < _as_tensor(self.p, tf.float64)  # float64: p = 1 keeps all
+        return tf.cast(keep, dtype) / _as_tensor(self.p, dtype)
 
     def covariance(self, batch_size):
         return (1 / self.p - 1) * np.eye(batch_size)
@@ -498,7 +503,7 @@ class SparseGaussian(Sampler):
         eps = _normal(bits[1:], dtype) * mask
         if self.centered:
             eps = (eps - tf.reduce_sum(eps) / tf.cast(self.num_noisy, dtype)) * mask
-        return 1 + tf.cast(self.std, dtype) * eps
+        return 1 + _as_tensor(self.std, dtype) * eps
 
     def covariance(self, batch_size):
         N, k, s2 = batch_size, self.num_noisy, self.std**2

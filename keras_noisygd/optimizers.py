@@ -74,7 +74,7 @@ class NoiseMixin:
             shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
         )
         self._noise_state.assign([seed, 0])
-        self._noise_drawn = False
+        self._noise_graph = None  # the graph whose step drew the weights, until `apply`
 
     @property
     def noise_state(self):
@@ -84,7 +84,11 @@ class NoiseMixin:
     def noise_weights(self, batch_size, dtype="float32"):
         """The per-example loss weights `m` of the next step (`E[m_i] = 1`).
 
-        Calling it again before `apply_gradients` returns the same weights.
+        Calling it again before `apply_gradients` returns the same weights. With
+        `emulate_batch_size=b`, a batch smaller than `b` is an error when its size
+        is known while tracing; a smaller batch that only shows up at run time
+        (a partial last batch) gets `m = 1`: drawing fewer than `b` examples
+        already carries at least SGD(`b`)'s sampling noise.
 
         Args:
             batch_size: Number `B` of examples in the step: a Python int or a
@@ -94,19 +98,34 @@ class NoiseMixin:
         Returns:
             A `[batch_size]` tensor.
         """
-        self._noise_drawn = True
-        b, sampler, conditions = self.emulate_batch_size, self.noise, []
-        if b is not None:
-            conditions = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", batch_size)
-            sampler = sampler.calibrated(b, batch_size)
-        return noise_lib.guarded(sampler.sample(self._noise_state.value, batch_size, dtype), conditions)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support tf.distribute with "
+                f"{context.num_replicas_in_sync} replicas yet: every replica would draw the same "
+                "weights and emulate SGD(b) on its own share of the batch. Train on one replica."
+            )
+        self._noise_graph = _current_graph()
+        b, seed = self.emulate_batch_size, self._noise_state.value
+        if b is None:
+            return self.noise.sample(seed, batch_size, dtype)
+        run_time_check = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", batch_size)
+        sampler = self.noise.calibrated(b, batch_size)
+        if not run_time_check:
+            return sampler.sample(seed, batch_size, dtype)
+        (b_fits, _), = run_time_check
+        return tf.cond(
+            b_fits,
+            lambda: sampler.sample(seed, batch_size, dtype),
+            lambda: tf.ones([batch_size], dtype),
+        )
 
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
-        # were never drawn would be plain, noise-free descent.
-        if not self._noise_drawn:
+        # were never drawn in this graph would be plain, noise-free descent.
+        if not _drawn_in_enclosing_graph(self._noise_graph):
             raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__))
-        self._noise_drawn = False
+        self._noise_graph = None
         super().apply(grads, trainable_variables)
         self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
 
@@ -120,6 +139,25 @@ class NoiseMixin:
         return config
 
 
+_EAGER = object()
+
+
+def _current_graph():
+    return _EAGER if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+
+def _drawn_in_enclosing_graph(drawn):
+    """Whether the weights were drawn in the current graph or one it is nested in (tf.cond)."""
+    if drawn is None:
+        return False
+    graph = _current_graph()
+    while graph is not None:
+        if graph is drawn:
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
 def _validated_noise(noise, emulate_batch_size):
     sampler = noise_lib.get(noise)
     b = emulate_batch_size
@@ -128,8 +166,6 @@ def _validated_noise(noise, emulate_batch_size):
             f"Argument `emulate_batch_size` must be None or an integer >= 1. Received: emulate_batch_size={b!r}"
         )
     template = getattr(sampler, "is_template", False)
-    if isinstance(sampler, noise_lib.NoNoise):
-        return sampler
     if b is None and template:
         raise ValueError(
             f"Argument `noise={noise!r}` names a noise class without its size: pass "

@@ -189,3 +189,18 @@ def test_too_small_dynamic_batch_fails_at_run_time(sampler):
     xla = tf.function(lambda n: sampler.sample(0, n), jit_compile=True)
     assert np.isnan(xla(tf.constant(4)).numpy()).all()
     np.testing.assert_array_equal(xla(tf.constant(8)).numpy(), sampler.sample(0, 8).numpy())
+
+
+def test_float64_weights_keep_full_precision():
+    # Numpy Box-Muller on the same random bits: a Python std rounded through
+    # float32 (tf.cast of a Python float) would be off by ~1e-8.
+    from keras_noisygd.noise import _random_bits
+
+    seed = tf.constant([17, 2], tf.int64)
+    bits = _random_bits(seed, [2, N]).numpy()
+    u = ((bits >> 11) + 2**52).astype(np.float64) * 2.0**-53
+    eps = np.sqrt(-2 * np.log1p(-u[0])) * np.cos(2 * np.pi * u[1])
+    got = noise.Gaussian(0.3).sample(seed, N, "float64").numpy()
+    np.testing.assert_allclose(got, 1 + 0.3 * eps, rtol=0, atol=1e-15)
+    keep = ((_random_bits(seed, [N]).numpy() >> 11) + 2**52) * 2.0**-53 < 0.3
+    np.testing.assert_array_equal(noise.Bernoulli(0.3).sample(seed, N, "float64").numpy(), keep / 0.3)

@@ -68,6 +68,34 @@ def test_fit_matches_a_numpy_reference_fed_the_same_weights(float64, sampler, mo
     np.testing.assert_allclose(model.weights[1].numpy(), c, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", [n for n in noise.NAMES if n != "none"])
+@pytest.mark.parametrize("b", [3, 6])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_emulate_batch_size_calibrates_every_batch_to_its_own_size(float64, name, b, jit_compile):
+    # 20 examples in batches of 8: B = 8, 8, 4 per epoch. Each step's weights are the
+    # template calibrated to SGD(b) out of that batch's B; a run-time batch with
+    # B < b (the last one, for b = 6) gets m = 1.
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 1))
+    model = linear_model()
+    w, c = (v.numpy() for v in model.weights)
+    model.compile(kn.NoisyGD(0.05, noise=name, emulate_batch_size=b, seed=SEED), "mse", jit_compile=jit_compile)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    step = 0
+    for _ in range(2):
+        for start in (0, 8, 16):
+            xb, yb = x[start : start + 8], y[start : start + 8]
+            n = len(xb)
+            template = noise.get(name)
+            m = template.calibrated(b, n).sample([SEED, step], n, "float64").numpy() if n >= b else np.ones(n)
+            r = xb @ w + c - yb
+            w, c = w - 0.05 * (2.0 / n * xb.T @ (m[:, None] * r) + 2 * LAM * w), c - 0.05 * 2.0 / n * (m[:, None] * r).sum(0)
+            step += 1
+    # float64; XLA's log/cos may differ from Eigen's in the last bits (~1e-16).
+    np.testing.assert_allclose(model.weights[0].numpy(), w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.weights[1].numpy(), c, rtol=1e-9, atol=1e-12)
+
+
 def test_one_hand_computed_noisy_step():
     # Model y = w x + c with w = 1, c = 0; x = [1, 2], y = [0, 0]; weights m = [1.5, 0.5].
     # Residuals r = [1, 2]; loss (1/2) sum m_i r_i^2, so
@@ -214,6 +242,7 @@ BAD_OPTIMIZER_ARGS = [
     (dict(emulate_batch_size="32"), r"Received: emulate_batch_size='32'"),
     (dict(noise=noise.Gaussian(1.0), emulate_batch_size=4), r"`emulate_batch_size` calibrates a noise template, but `noise` is already configured"),
     (dict(noise="sparse_gaussian_centered", emulate_batch_size=1), r"Argument `num_noisy` must be an integer >= 2. Received: num_noisy=1"),
+    (dict(noise="none", emulate_batch_size=4), r"`emulate_batch_size` calibrates a noise template, but `noise` is already configured: NoNoise\(\)"),
     (dict(noise="none", seed=-1), r"Argument `seed` must be None or an int in \[0, 2\*\*31\). Received: seed=-1"),
     (dict(noise="none", seed=2**31), r"Received: seed=2147483648"),
     (dict(noise="none", seed="7"), r"Received: seed='7'"),
@@ -225,6 +254,29 @@ BAD_OPTIMIZER_ARGS = [
 def test_bad_optimizer_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kn.NoisyGD(**kwargs)
+
+
+def test_weights_drawn_outside_the_training_graph_do_not_unlock_a_stock_model():
+    x, y = classification_data(16)
+    optimizer = kn.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=4)
+    optimizer.noise_weights(4)  # a peek, eagerly
+    model = mlp(model_class=keras.Model)
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="would silently train without noise"):
+        model.fit(x, y, verbose=0)
+
+
+def test_mixed_precision_loss_scaling_finds_and_uses_the_noise():
+    x, y = classification_data(16)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = mlp()
+        model.compile(kn.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=4, seed=1), "sparse_categorical_crossentropy")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        np.testing.assert_array_equal(model.optimizer.inner_optimizer.noise_state.numpy(), [1, 2])
+    finally:
+        keras.config.set_dtype_policy("float32")
 
 
 def test_find_noisy_optimizer_looks_inside_loss_scaling():
