@@ -162,11 +162,15 @@ def test_integer_sample_weights_do_not_truncate_the_noise():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("model_kind", ["functional", "sequential"])
-def test_keras_file_round_trip_keeps_weights_optimizer_and_noise_state(tmp_path, model_kind):
+@pytest.mark.parametrize("model_kind, optimizer", [
+    ("functional", lambda: kn.NoisyGD(0.1, noise="sparse_gaussian_centered", emulate_batch_size=4, momentum=0.5, seed=21)),
+    ("sequential", lambda: kn.NoisyGD(0.1, noise="sgd", emulate_batch_size=4, seed=21)),
+    ("functional", lambda: kn.NoisyAdam(0.01, noise="bernoulli", emulate_batch_size=4, seed=21)),
+])
+def test_keras_file_round_trip_keeps_weights_optimizer_and_noise_state(tmp_path, model_kind, optimizer):
     x, y = classification_data(32)
     model = mlp() if model_kind == "functional" else kn.noisy(make_sequential())
-    model.compile(kn.NoisyGD(0.1, noise="sparse_gaussian_centered", emulate_batch_size=4, momentum=0.5, seed=21), LOSS, metrics=["accuracy"])
+    model.compile(optimizer(), LOSS, metrics=["accuracy"])
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     path = tmp_path / "model.keras"
     model.save(path)
@@ -180,6 +184,40 @@ def test_keras_file_round_trip_keeps_weights_optimizer_and_noise_state(tmp_path,
     loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tf_train_checkpoint_restores_the_noise_stream(tmp_path):
+    x, y = classification_data(32)
+    model = mlp()
+    model.compile(kn.NoisyGD(0.1, noise="gaussian", emulate_batch_size=4, seed=8), LOSS)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(str(tmp_path / "ckpt"))
+    restored = mlp()
+    restored.compile(kn.NoisyGD(0.1, noise="gaussian", emulate_batch_size=4, seed=999), LOSS)
+    restored.optimizer.build(restored.trainable_variables)
+    tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(path).assert_consumed()
+    np.testing.assert_array_equal(restored.optimizer.noise_state.numpy(), [8, 4])  # seed 999 overwritten
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    restored.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(restored.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_no_retracing_after_the_first_step(jit_compile):
+    class Counting(kn.NoisyModel):
+        traces = 0
+
+        def train_step(self, data):
+            Counting.traces += 1  # Python runs once per trace
+            return super().train_step(data)
+
+    inputs = keras.Input((5,))
+    model = Counting(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    model.compile(kn.NoisyGD(0.1, noise="sgd", emulate_batch_size=4, seed=0), LOSS, jit_compile=jit_compile)
+    x, y = classification_data(32)
+    model.fit(x, y, batch_size=8, epochs=5, verbose=0)
+    assert Counting.traces == 1
 
 
 def test_subclass_wrapper_round_trips(tmp_path):
