@@ -1,0 +1,93 @@
+"""Command line: `python -m keras_noisygd compare|large-batch [options]` (or `keras-noisygd ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from keras_noisygd import noise as noise_lib
+
+NOISES = [n for n in noise_lib.NAMES if n != "none"]
+
+# Quick presets: minutes on a 2-core CPU. See docs/results.md for how they were chosen.
+PRESETS = {
+    "compare": dict(dataset="mnist1d", model="mlp", train_size=1000, steps=3000, lr=0.1, batch_size=16, seeds=3),
+    "large-batch": dict(dataset="mnist1d", model="mlp", train_size=4000, steps=3000, lr=0.1, batch_size=16,
+                        large_batch_size=512, seeds=3),
+}
+
+
+def parser():
+    top = argparse.ArgumentParser(
+        prog="keras-noisygd",
+        description="Reproduce the comparisons of Wu et al. (ICML 2020): noisy GD generalizes like SGD.",
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    compare = commands.add_parser("compare", help="GD vs SGD(b) vs full-batch noisy GD with each noise class")
+    large = commands.add_parser("large-batch", help="SGD(b) vs SGD(B) vs SGD(B) + noise emulating b")
+    for sub, name in ((compare, "compare"), (large, "large-batch")):
+        preset = PRESETS[name]
+        sub.add_argument("--dataset", default=preset["dataset"], help="mnist1d (default), digits, fashion_mnist, mnist, cifar10")
+        sub.add_argument("--data", help="a .npz file with x_train, y_train, x_test, y_test (overrides --dataset)")
+        sub.add_argument("--num-samples", type=int, help="mnist1d: examples to generate (80%% train); default 5000")
+        sub.add_argument("--train-size", type=int, default=preset["train_size"], help="training examples used (default %(default)s)")
+        sub.add_argument("--model", default=preset["model"], choices=["mlp", "cnn"], help="default %(default)s")
+        sub.add_argument("--width", type=int, default=128, help="MLP hidden units (default %(default)s)")
+        sub.add_argument("--steps", type=int, default=preset["steps"], help="training steps per run (default %(default)s)")
+        sub.add_argument("--lr", type=float, default=preset["lr"], help="learning rate (default %(default)s)")
+        sub.add_argument("--momentum", type=float, default=0.0, help="default %(default)s")
+        sub.add_argument("--batch-size", "-b", type=int, default=preset["batch_size"], help="the SGD batch b to emulate (default %(default)s)")
+        sub.add_argument("--noise", nargs="+", default=NOISES, help=f"noise classes (default: all of {NOISES})")
+        sub.add_argument("--seeds", type=int, default=preset["seeds"], help="seeds 0..N-1 (default %(default)s)")
+        sub.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations (default %(default)s)")
+        sub.add_argument("--out", default=f"runs/{name}", help="output folder (default %(default)s)")
+    large.add_argument("--large-batch-size", "-B", type=int, default=PRESETS["large-batch"]["large_batch_size"], help="B (default %(default)s)")
+    large.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default %(default)s)")
+    large.add_argument("--ghost-batch-size", type=int, help="ghost-batch normalisation with this ghost size (default: no normalisation)")
+    return top
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:  # bad input: one clear line, no traceback
+        print(f"keras-noisygd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    import keras
+
+    from keras_noisygd.experiments import data, report, runner
+
+    dataset = data.load(args.data or args.dataset, args.num_samples).subset(args.train_size)
+    n = len(dataset.x_train)
+    if args.command == "compare":
+        methods = runner.compare_methods(n, args.batch_size, args.noise)
+        config = runner.Config(args.model, args.steps, args.lr, args.momentum, eval_every=args.eval_every, width=args.width)
+        title = f"{dataset.name}, n={n}: GD vs SGD(b={args.batch_size}) vs noisy GD"
+    else:
+        methods = runner.large_batch_methods(n, args.batch_size, args.large_batch_size, args.noise)
+        config = runner.Config(
+            args.model, args.steps, args.lr, args.momentum, args.weight_decay, args.ghost_batch_size, args.eval_every, args.width
+        )
+        title = f"{dataset.name}, n={n}: SGD(b={args.batch_size}) vs SGD(B={args.large_batch_size}) (+ noise)"
+    if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
+        raise ValueError(f"Arguments `seeds`, `steps` and `eval_every` must be >= 1. Received: {args.seeds}, {args.steps}, {args.eval_every}")
+
+    print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds 0..{args.seeds - 1}")
+    progress = keras.utils.Progbar(len(methods) * args.seeds, unit_name="run")
+    runs = []
+    for seed in range(args.seeds):
+        for method in methods:
+            runs.append(runner.train(dataset, method, config, seed))
+            progress.add(1, values=[("test_acc", runs[-1]["test_acc"])])
+    print(report.table(report.summarize(runs)))
+    settings = {**vars(args), "dataset": dataset.name, "n": n, "config": dataclasses.asdict(config)}
+    paths = report.write(args.out, settings, runs, title)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

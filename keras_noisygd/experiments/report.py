@@ -1,0 +1,78 @@
+"""Tables, CSV/JSON files and PNG plots of a comparison's runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ("method", "seed", "train_acc", "test_acc", "gap", "steps", "seconds")
+
+
+def summarize(runs):
+    """Per method, in first-seen order: mean and std over seeds of each numeric column."""
+    grouped = defaultdict(list)
+    for run in runs:
+        grouped[run["method"]].append(run)
+    summary = []
+    for method, group in grouped.items():
+        row = {"method": method, "seeds": len(group)}
+        for key in ("test_acc", "train_acc", "gap", "steps", "seconds"):
+            values = np.array([r[key] for r in group], float)
+            row[key], row[key + "_std"] = float(values.mean()), float(values.std())
+        summary.append(row)
+    return summary
+
+
+def table(summary):
+    """The summary as a plain-text table."""
+    width = max(len("method"), *(len(r["method"]) for r in summary))
+    lines = [f"{'method':<{width}}  {'test acc':>17}  {'train acc':>9}  {'gap':>7}  {'steps':>6}  {'s/run':>6}"]
+    for r in summary:
+        lines.append(
+            f"{r['method']:<{width}}  {r['test_acc']:>8.4f} ± {r['test_acc_std']:.4f}  {r['train_acc']:>9.4f}  "
+            f"{r['gap']:>7.4f}  {r['steps']:>6.0f}  {r['seconds']:>6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write(out_dir, config, runs, title):
+    """Writes runs.csv, results.json and test_accuracy.png into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(runs)
+    summary = summarize(runs)
+    (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=2))
+    plot(runs, out / "test_accuracy.png", title)
+    return [out / "runs.csv", out / "results.json", out / "test_accuracy.png"]
+
+
+def plot(runs, path, title):
+    """Mean test accuracy against steps per method, with a band of +-1 std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = defaultdict(list)
+    for run in runs:
+        curves[run["method"]].append(run["curve"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, group in curves.items():
+        steps = np.array([s for s, _ in group[0]])
+        acc = np.array([[a for _, a in curve] for curve in group])
+        mean, std = acc.mean(0), acc.std(0)
+        (line,) = ax.plot(steps, mean, label=method, lw=2 if "+" not in method else 1.2)
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="training step", ylabel="test accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

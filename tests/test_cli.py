@@ -1,0 +1,103 @@
+"""The comparison CLI: smoke runs of both commands, their files, and bad inputs."""
+
+import csv
+import re
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_noisygd.experiments import architectures, cli
+
+TINY = ["--dataset", "digits", "--train-size", "64", "--steps", "20", "--eval-every", "10", "--seeds", "2", "-b", "8"]
+
+
+def test_compare_writes_a_table_csv_json_and_plot(tmp_path, capsys):
+    assert cli.main(["compare", *TINY, "--noise", "gaussian_centered", "bernoulli", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for label in ("GD ", "SGD(b=8)", "GD+gaussian_centered", "GD+bernoulli"):
+        assert label in out
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert len(rows) == 4 * 2 and {r["seed"] for r in rows} == {"0", "1"}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["n"] == 64 and len(results["summary"]) == 4
+    for run in results["runs"]:
+        assert [step for step, _ in run["curve"]] == [10, 20]
+        assert 0.0 <= run["test_acc"] <= 1.0 and run["curve"][-1][1] == run["test_acc"]
+        assert run["gap"] == pytest.approx(run["train_acc"] - run["test_acc"])
+    assert (tmp_path / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_large_batch_with_ghost_batch_norm_and_momentum(tmp_path, capsys):
+    args = ["large-batch", *TINY, "-B", "32", "--ghost-batch-size", "8", "--momentum", "0.9", "--weight-decay", "1e-4",
+            "--noise", "sgd", "--model", "cnn", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "SGD(B)+sgd" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert [r["method"] for r in rows[:3]] == ["SGD(b=8)", "SGD(B=32)", "SGD(B)+sgd"]
+
+
+def test_npz_data(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=rng.normal(size=(40, 6)), y_train=rng.integers(0, 2, 40), x_test=rng.normal(size=(10, 6)), y_test=rng.integers(0, 2, 10))
+    assert cli.main(["compare", "--data", str(path), "--train-size", "40", "--steps", "10", "--eval-every", "10", "--seeds", "1", "-b", "4", "--noise", "sgd", "--out", str(tmp_path / "out")]) == 0
+    assert "toy, n=40" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--dataset", "imagenet"], r"Argument `dataset` must be one of \['mnist1d', 'digits'.*Received: dataset='imagenet'"),
+        (["compare", "--dataset", "digits", "--noise", "brownian"], r"Argument `noise` must be among .*Received: noise='brownian'"),
+        (["compare", "--dataset", "digits", "--noise", "none"], r"Received: noise='none'"),
+        (["large-batch", "--dataset", "digits", "--train-size", "500", "-b", "64", "-B", "32"], r"Argument `batch_size` must be in \[1, large_batch_size=32\]. Received: batch_size=64"),
+        (["large-batch", "--dataset", "digits", "--train-size", "100", "-B", "200"], r"Argument `large_batch_size` must be in \[1, the training-set size=100\]. Received: large_batch_size=200"),
+        (["compare", "--dataset", "digits", "--train-size", "5000"], r"Argument `train_size` must be in \[1, 1000\] for digits. Received: train_size=5000"),
+        (["compare", "--data", "missing.npz"], r"Argument `data` must be an existing .npz file. Received: data='missing.npz'"),
+        (["compare", "--dataset", "digits", "--num-samples", "10"], r"Argument `num_samples` only applies to mnist1d"),
+    ],
+)
+def test_bad_inputs_give_one_clear_line(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-noisygd ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_npz_without_the_expected_keys(tmp_path, capsys):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_train=np.zeros((4, 2)), y_train=np.zeros(4))
+    assert cli.main(["compare", "--data", str(path)]) == 2
+    assert "lacks ['x_test', 'y_test']" in capsys.readouterr().err
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["benchmark"])
+    assert exit_info.value.code == 2
+
+
+def test_ghost_batch_normalization_matches_numpy_per_ghost_batch():
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 3.0, size=(12, 5, 4)).astype("float32")
+    layer = architectures.GhostBatchNormalization(4, momentum=0.5, epsilon=1e-3)
+    got = layer(x, training=True).numpy()
+    ghosts = x.reshape(3, 4, 5, 4)
+    mean, var = ghosts.mean(axis=(1, 2), keepdims=True), ghosts.var(axis=(1, 2), keepdims=True)
+    expected = ((ghosts - mean) / np.sqrt(var + 1e-3)).reshape(x.shape)
+    # float32 moments of 20 values per channel: ~1e-6 relative.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * mean.mean(0).ravel(), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5 + 0.5 * var.mean(0).ravel(), rtol=1e-5)
+    inference = layer(x, training=False).numpy()
+    np.testing.assert_allclose(inference, (x - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + 1e-3), rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_batch_normalization_rejects_a_ragged_batch():
+    layer = architectures.GhostBatchNormalization(4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of ghost_batch_size=4"):
+        layer(np.zeros((6, 3), "float32"), training=True)
+    with pytest.raises(ValueError, match="Argument `ghost_batch_size` must be an integer >= 1. Received: ghost_batch_size=0"):
+        architectures.GhostBatchNormalization(0)
