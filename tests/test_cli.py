@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from keras_noisygd.experiments import architectures, cli
 
-TINY = ["--dataset", "digits", "--train-size", "64", "--steps", "20", "--eval-every", "10", "--seeds", "2", "-b", "8"]
+TINY = ["--dataset", "digits", "--train-size", "64", "--steps", "20", "--eval-every", "10", "--seeds", "2", "-b", "8", "--no-xla"]
 
 
 def test_compare_writes_a_table_csv_json_and_plot(tmp_path, capsys):
@@ -42,6 +42,7 @@ def test_npz_data(tmp_path, capsys):
     rng = np.random.default_rng(0)
     path = tmp_path / "toy.npz"
     np.savez(path, x_train=rng.normal(size=(40, 6)), y_train=rng.integers(0, 2, 40), x_test=rng.normal(size=(10, 6)), y_test=rng.integers(0, 2, 10))
+    # XLA on (the default) here; the other smoke tests use --no-xla to save compile time.
     assert cli.main(["compare", "--data", str(path), "--train-size", "40", "--steps", "10", "--eval-every", "10", "--seeds", "1", "-b", "4", "--noise", "sgd", "--out", str(tmp_path / "out")]) == 0
     assert "toy, n=40" in capsys.readouterr().out
 

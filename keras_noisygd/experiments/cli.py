@@ -25,8 +25,14 @@ def parser():
         description="Reproduce the comparisons of Wu et al. (ICML 2020): noisy GD generalizes like SGD.",
     )
     commands = top.add_subparsers(dest="command", required=True)
-    compare = commands.add_parser("compare", help="GD vs SGD(b) vs full-batch noisy GD with each noise class")
-    large = commands.add_parser("large-batch", help="SGD(b) vs SGD(B) vs SGD(B) + noise emulating b")
+    compare = commands.add_parser(
+        "compare", help="GD vs SGD(b) vs full-batch noisy GD with each noise class",
+        description="Full-batch GD, SGD(b), and full-batch noisy GD with each noise class calibrated to SGD(b).",
+    )
+    large = commands.add_parser(
+        "large-batch", help="SGD(b) vs SGD(B) vs SGD(B) + noise emulating b",
+        description="Small-batch SGD(b), large-batch SGD(B), and SGD(B) with noise emulating SGD(b) inside each batch.",
+    )
     for sub, name in ((compare, "compare"), (large, "large-batch")):
         preset = PRESETS[name]
         sub.add_argument("--dataset", default=preset["dataset"], help="mnist1d (default), digits, fashion_mnist, mnist, cifar10")
@@ -43,6 +49,7 @@ def parser():
         sub.add_argument("--seeds", type=int, default=preset["seeds"], help="seeds 0..N-1 (default %(default)s)")
         sub.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations (default %(default)s)")
         sub.add_argument("--out", default=f"runs/{name}", help="output folder (default %(default)s)")
+        sub.add_argument("--no-xla", action="store_true", help="train without jit_compile (XLA is on by default)")
     large.add_argument("--large-batch-size", "-B", type=int, default=PRESETS["large-batch"]["large_batch_size"], help="B (default %(default)s)")
     large.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default %(default)s)")
     large.add_argument("--ghost-batch-size", type=int, help="ghost-batch normalisation with this ghost size (default: no normalisation)")
@@ -68,12 +75,16 @@ def run(args):
     n = len(dataset.x_train)
     if args.command == "compare":
         methods = runner.compare_methods(n, args.batch_size, args.noise)
-        config = runner.Config(args.model, args.steps, args.lr, args.momentum, eval_every=args.eval_every, width=args.width)
+        config = runner.Config(
+            args.model, args.steps, args.lr, args.momentum, eval_every=args.eval_every, width=args.width,
+            jit_compile=not args.no_xla,
+        )
         title = f"{dataset.name}, n={n}: GD vs SGD(b={args.batch_size}) vs noisy GD"
     else:
         methods = runner.large_batch_methods(n, args.batch_size, args.large_batch_size, args.noise)
         config = runner.Config(
-            args.model, args.steps, args.lr, args.momentum, args.weight_decay, args.ghost_batch_size, args.eval_every, args.width
+            args.model, args.steps, args.lr, args.momentum, args.weight_decay, args.ghost_batch_size,
+            args.eval_every, args.width, jit_compile=not args.no_xla,
         )
         title = f"{dataset.name}, n={n}: SGD(b={args.batch_size}) vs SGD(B={args.large_batch_size}) (+ noise)"
     if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:

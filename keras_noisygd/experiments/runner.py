@@ -37,6 +37,7 @@ class Config:
     ghost_batch_size: Optional[int] = None
     eval_every: int = 100
     width: int = 128
+    jit_compile: bool = True  # Keras's "auto" turns XLA off on CPU; it is ~30% faster here
 
 
 def compare_methods(n, b, noises):
@@ -86,6 +87,7 @@ def train(dataset, method, config, seed):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=config.eval_every,  # Python (and the test curve) once per chunk
+        jit_compile=config.jit_compile,
     )
     n = len(dataset.x_train)
     data = tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
