@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up `.venv` and run one of the project's jobs. Needs only Python 3.10+ and pip.
 
-    python3 tasks.py demo    # the demo: noisy GD vs GD vs SGD on bundled digits
+    python3 tasks.py demo    # the demo: `compare` preset, GD vs SGD vs noisy GD on MNIST-1D
     python3 tasks.py test    # the test suite, then the docs build (warnings are errors)
     python3 tasks.py bench   # benchmarks/step_time.py
     python3 tasks.py docs    # build the docs site into site/
@@ -52,7 +52,7 @@ def main(argv):
         sys.exit(__doc__)
     ensure_venv(EXTRAS[job])
     if job == "demo":
-        return run(PYTHON, "examples/demo.py", *argv[1:])
+        return run(PYTHON, "-m", "keras_noisygd", "compare", *argv[1:])
     if job == "test":
         code = run(PYTHON, "-m", "pytest", "-q", *argv[1:])
         return code or run(PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet")

@@ -4,6 +4,7 @@ import csv
 import re
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,6 +28,10 @@ def test_compare_writes_a_table_csv_json_and_plot(tmp_path, capsys):
         assert 0.0 <= run["test_acc"] <= 1.0 and run["curve"][-1][1] == run["test_acc"]
         assert run["gap"] == pytest.approx(run["train_acc"] - run["test_acc"])
     assert (tmp_path / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (tmp_path / "summary.md").read_text()
+    acc = {r["method"]: r["test_acc"] for r in results["summary"]}
+    share = 100 * (acc["GD+bernoulli"] - acc["GD"]) / (acc["SGD(b=8)"] - acc["GD"])
+    assert f"| GD+bernoulli | {acc['GD+bernoulli']:.4f}" in summary and f"| {share:.0f}% |" in summary
 
 
 def test_large_batch_with_ghost_batch_norm_and_momentum(tmp_path, capsys):
@@ -102,3 +107,23 @@ def test_ghost_batch_normalization_rejects_a_ragged_batch():
         layer(np.zeros((6, 3), "float32"), training=True)
     with pytest.raises(ValueError, match="Argument `ghost_batch_size` must be an integer >= 1. Received: ghost_batch_size=0"):
         architectures.GhostBatchNormalization(0)
+
+
+def test_keras_datasets_loader_on_small_arrays(monkeypatch):
+    # The real loading code, fed small arrays instead of a download.
+    from keras_noisygd.experiments import data
+
+    rng = np.random.default_rng(0)
+    fake = ((rng.integers(0, 256, (6, 4, 4)), rng.integers(0, 3, 6)), (rng.integers(0, 256, (2, 4, 4)), rng.integers(0, 3, (2, 1))))
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: fake)
+    dataset = data.load("fashion_mnist")
+    assert dataset.x_train.shape == (6, 4, 4, 1) and dataset.x_train.max() <= 1.0 and dataset.x_train.dtype == np.float32
+    assert dataset.y_test.shape == (2,) and dataset.num_classes == 3
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "keras_noisygd", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "compare" in result.stdout and "large-batch" in result.stdout

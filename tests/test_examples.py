@@ -15,8 +15,8 @@ def load(name):
     return module
 
 
-def test_demo_runs_and_reports_every_method(capsys):
-    results = load("demo").main(["--steps", "40", "--seeds", "1", "--train-size", "200", "--batch-size", "8"])
+def test_full_batch_digits_example_runs_and_reports_every_method(capsys):
+    results = load("full_batch_digits").main(["--steps", "40", "--seeds", "1", "--train-size", "200", "--batch-size", "8"])
     assert set(results) == {"GD", "SGD", "NoisyGD"}
     for runs in results.values():
         assert runs.shape == (1, 3)

@@ -64,12 +64,17 @@ class GhostBatchNormalization(keras.layers.Layer):
         return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size, "momentum": self.momentum, "epsilon": self.epsilon}
 
 
-def build(name, input_shape, num_classes, width=128, ghost_batch_size=None):
-    """A `NoisySequential` model: `"mlp"` (one hidden layer of `width`) or `"cnn"`.
+DEFAULT_WIDTH = {"mlp": 128, "cnn": 16}
 
-    The CNN is 1-D for inputs of shape `[length]` (MNIST-1D) and 2-D for images
-    `[height, width, channels]`. `ghost_batch_size` adds ghost-batch normalisation
-    after each hidden layer (for the large-batch comparison).
+
+def build(name, input_shape, num_classes, width=None, ghost_batch_size=None):
+    """A `NoisySequential` model: `"mlp"` (one hidden layer of `width` units) or `"cnn"`.
+
+    The CNN (two blocks of 5-wide convolutions with `width` channels, ReLU and
+    2x max-pooling, then a linear classifier) is 1-D for inputs of shape
+    `[length]` (MNIST-1D) and 2-D for images `[height, width, channels]`.
+    `ghost_batch_size` adds ghost-batch normalisation after each hidden layer.
+    `width` defaults to `DEFAULT_WIDTH[name]`.
     """
     if name not in MODELS:
         raise ValueError(f"Argument `model` must be one of {list(MODELS)}. Received: model={name!r}")
@@ -77,17 +82,18 @@ def build(name, input_shape, num_classes, width=128, ghost_batch_size=None):
     def norm():
         return [GhostBatchNormalization(ghost_batch_size)] if ghost_batch_size else []
 
+    width = width or DEFAULT_WIDTH[name]
     layers = [keras.Input(input_shape)]
     if name == "mlp":
         layers += [keras.layers.Flatten(), keras.layers.Dense(width), *norm(), keras.layers.ReLU()]
     elif len(input_shape) == 1:
         layers += [keras.layers.Reshape((input_shape[0], 1))]
         for _ in range(2):
-            layers += [keras.layers.Conv1D(32, 5, padding="same"), *norm(), keras.layers.ReLU(), keras.layers.MaxPooling1D()]
+            layers += [keras.layers.Conv1D(width, 5, padding="same"), *norm(), keras.layers.ReLU(), keras.layers.MaxPooling1D()]
         layers += [keras.layers.Flatten()]
     else:
         for _ in range(2):
-            layers += [keras.layers.Conv2D(16, 3, padding="same"), *norm(), keras.layers.ReLU(), keras.layers.MaxPooling2D()]
+            layers += [keras.layers.Conv2D(width, 5, padding="same"), *norm(), keras.layers.ReLU(), keras.layers.MaxPooling2D()]
         layers += [keras.layers.Flatten()]
     layers += [keras.layers.Dense(num_classes)]
     return NoisySequential(layers)

@@ -13,9 +13,9 @@ NOISES = [n for n in noise_lib.NAMES if n != "none"]
 
 # Quick presets: minutes on a 2-core CPU. See docs/results.md for how they were chosen.
 PRESETS = {
-    "compare": dict(dataset="mnist1d", model="mlp", train_size=1000, steps=3000, lr=0.1, batch_size=16, seeds=3),
-    "large-batch": dict(dataset="mnist1d", model="mlp", train_size=4000, steps=3000, lr=0.1, batch_size=16,
-                        large_batch_size=512, seeds=3),
+    "compare": dict(dataset="mnist1d", model="cnn", train_size=500, steps=1500, lr=0.2, batch_size=16, seeds=3),
+    "large-batch": dict(dataset="mnist1d", model="cnn", train_size=1000, steps=2000, lr=0.2, batch_size=16,
+                        large_batch_size=256, seeds=3),
 }
 
 
@@ -40,7 +40,7 @@ def parser():
         sub.add_argument("--num-samples", type=int, help="mnist1d: examples to generate (80%% train); default 5000")
         sub.add_argument("--train-size", type=int, default=preset["train_size"], help="training examples used (default %(default)s)")
         sub.add_argument("--model", default=preset["model"], choices=["mlp", "cnn"], help="default %(default)s")
-        sub.add_argument("--width", type=int, default=128, help="MLP hidden units (default %(default)s)")
+        sub.add_argument("--width", type=int, help="MLP hidden units (default 128) or CNN channels (default 16)")
         sub.add_argument("--steps", type=int, default=preset["steps"], help="training steps per run (default %(default)s)")
         sub.add_argument("--lr", type=float, default=preset["lr"], help="learning rate (default %(default)s)")
         sub.add_argument("--momentum", type=float, default=0.0, help="default %(default)s")
@@ -91,7 +91,7 @@ def run(args):
         raise ValueError(f"Arguments `seeds`, `steps` and `eval_every` must be >= 1. Received: {args.seeds}, {args.steps}, {args.eval_every}")
 
     print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds 0..{args.seeds - 1}")
-    progress = keras.utils.Progbar(len(methods) * args.seeds, unit_name="run")
+    progress = keras.utils.Progbar(len(methods) * args.seeds, unit_name="run", stateful_metrics=["test_acc"])
     runs = []
     for seed in range(args.seeds):
         for method in methods:
@@ -99,6 +99,8 @@ def run(args):
             progress.add(1, values=[("test_acc", runs[-1]["test_acc"])])
     print(report.table(report.summarize(runs)))
     settings = {**vars(args), "dataset": dataset.name, "n": n, "config": dataclasses.asdict(config)}
-    paths = report.write(args.out, settings, runs, title)
+    # The gap each noisy method should close: GD -> SGD(b), or SGD(B) -> SGD(b).
+    baseline, target = (methods[0], methods[1]) if args.command == "compare" else (methods[1], methods[0])
+    paths = report.write(args.out, settings, runs, title, baseline.label, target.label)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

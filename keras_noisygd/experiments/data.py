@@ -76,7 +76,9 @@ def _mnist1d(num_samples):
     if num_samples is not None:
         args.num_samples = int(num_samples)
     data = make_dataset(args)  # procedural, seeded by args.seed: no download
-    return Dataset("mnist1d", *(np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")))
+    x, x_test = data["x"], data["x_test"]
+    mean, std = x.mean(), x.std()  # standardised with the training set's scalar moments
+    return Dataset("mnist1d", (x - mean) / std, data["y"], (x_test - mean) / std, data["y_test"])
 
 
 def _digits():

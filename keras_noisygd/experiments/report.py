@@ -39,8 +39,22 @@ def table(summary):
     return "\n".join(lines)
 
 
-def write(out_dir, config, runs, title):
-    """Writes runs.csv, results.json and test_accuracy.png into `out_dir`; returns their paths."""
+def markdown(summary, baseline, target):
+    """A Markdown table with the share of the `baseline` -> `target` test-accuracy gap each other method closes."""
+    acc = {r["method"]: r["test_acc"] for r in summary}
+    gap = acc[target] - acc[baseline]
+    lines = ["| method | test acc | train acc | gap | s/run | share of the gap closed |", "|---|---|---|---|---|---|"]
+    for r in summary:
+        share = "" if r["method"] in (baseline, target) or gap == 0 else f"{100 * (r['test_acc'] - acc[baseline]) / gap:.0f}%"
+        lines.append(
+            f"| {r['method']} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | {r['train_acc']:.4f} | "
+            f"{r['gap']:.4f} | {r['seconds']:.1f} | {share} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir, config, runs, title, baseline, target):
+    """Writes runs.csv, results.json, summary.md and test_accuracy.png into `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as f:
@@ -49,8 +63,9 @@ def write(out_dir, config, runs, title):
         writer.writerows(runs)
     summary = summarize(runs)
     (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=2))
+    (out / "summary.md").write_text(markdown(summary, baseline, target))
     plot(runs, out / "test_accuracy.png", title)
-    return [out / "runs.csv", out / "results.json", out / "test_accuracy.png"]
+    return [out / "runs.csv", out / "results.json", out / "summary.md", out / "test_accuracy.png"]
 
 
 def plot(runs, path, title):

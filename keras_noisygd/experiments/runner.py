@@ -36,7 +36,7 @@ class Config:
     weight_decay: float = 0.0
     ghost_batch_size: Optional[int] = None
     eval_every: int = 100
-    width: int = 128
+    width: Optional[int] = None  # the model's default (architectures.DEFAULT_WIDTH)
     jit_compile: bool = True  # Keras's "auto" turns XLA off on CPU; it is ~30% faster here
 
 
