@@ -13,7 +13,7 @@ NOISES = [n for n in noise_lib.NAMES if n != "none"]
 
 # Quick presets: minutes on a 2-core CPU. See docs/results.md for how they were chosen.
 PRESETS = {
-    "compare": dict(dataset="mnist1d", model="cnn", train_size=500, steps=1500, lr=0.2, batch_size=16, seeds=3),
+    "compare": dict(dataset="mnist1d", model="cnn", train_size=500, steps=1000, lr=0.2, batch_size=16, seeds=3),
     "large-batch": dict(dataset="mnist1d", model="cnn", train_size=1000, steps=2000, lr=0.2, batch_size=16,
                         large_batch_size=256, seeds=3),
 }
