@@ -60,16 +60,16 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = parser().parse_args(argv)
     try:
-        return run(args)
-    except ValueError as error:  # bad input: one clear line, no traceback
+        dataset, methods, config, title = prepare(args)
+    except ValueError as error:  # bad input: one clear line, no traceback (training errors keep theirs)
         print(f"keras-noisygd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    return run(args, dataset, methods, config, title)
 
 
-def run(args):
-    import keras
-
-    from keras_noisygd.experiments import data, report, runner
+def prepare(args):
+    """Loads the data and builds the methods and the shared config; raises ValueError on bad input."""
+    from keras_noisygd.experiments import data, runner
 
     dataset = data.load(args.data or args.dataset, args.num_samples).subset(args.train_size)
     n = len(dataset.x_train)
@@ -89,7 +89,16 @@ def run(args):
         title = f"{dataset.name}, n={n}: SGD(b={args.batch_size}) vs SGD(B={args.large_batch_size}) (+ noise)"
     if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
         raise ValueError(f"Arguments `seeds`, `steps` and `eval_every` must be >= 1. Received: {args.seeds}, {args.steps}, {args.eval_every}")
+    return dataset, methods, config, title
 
+
+def run(args, dataset, methods, config, title):
+    """Trains every (seed, method), prints the table and writes the files."""
+    import keras
+
+    from keras_noisygd.experiments import report, runner
+
+    n = len(dataset.x_train)
     print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds 0..{args.seeds - 1}")
     progress = keras.utils.Progbar(len(methods) * args.seeds, unit_name="run", stateful_metrics=["test_acc"])
     runs = []
