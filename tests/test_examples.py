@@ -3,7 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
