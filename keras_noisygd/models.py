@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_noisygd import per_example
 from keras_noisygd.gradients import batch_size_of, combine_weights
 from keras_noisygd.optimizers import find_noisy_optimizer
 
@@ -40,18 +41,47 @@ class NoisyTrainStep:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = batch_size_of(x)
         weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
-        noisy_weight = combine_weights(sample_weight, weights)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            with _per_output_loss_metrics_untouched(self, y_pred):  # they must see the clean loss only
-                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=noisy_weight, training=True)
-            scaled_loss = self.optimizer.scale_loss(loss)
+        if optimizer.engine == "per_example":
+            y_pred, gradients = self._per_example_gradients(x, y, sample_weight, weights, optimizer.chunk_size)
+        else:
+            y_pred, gradients = self._weighted_gradients(x, y, sample_weight, weights)
         # The clean loss is read before the update (regularizers see these weights).
         clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        gradients = tape.gradient(scaled_loss, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         self._report_loss(clean_loss, batch_size)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _weighted_gradients(self, x, y, sample_weight, weights):
+        """`G W + grad R` as the gradient of the re-weighted loss: one backward pass."""
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            with _per_output_loss_metrics_untouched(self, y_pred):  # they must see the clean loss only
+                loss = self.compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=combine_weights(sample_weight, weights), training=True
+                )
+            scaled_loss = self.optimizer.scale_loss(loss)
+        return y_pred, tape.gradient(scaled_loss, self.trainable_weights)
+
+    def _per_example_gradients(self, x, y, sample_weight, weights, chunk_size):
+        """`G W + grad R` with `G` formed: the same update, through `per_example.compute`."""
+        state = [tf.identity(v) for v in self.non_trainable_variables]  # BN statistics and seeds before this step
+        y_pred = self(x, training=True)  # updates them once, as the weighted step does
+        # The scaling `compute_loss` and `scale_loss` apply: 1/replicas (tf.distribute) and the loss scale.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        loss_scale = self.optimizer.scale_loss(tf.constant(1.0 / replicas, weights.dtype))
+        result = per_example.compute(
+            self, x, y, sample_weight, weights=weights, chunk_size=chunk_size,
+            non_trainable_values=state, loss_scale=loss_scale,
+        )
+        gradients = result.gradients
+        if result.regularization_gradients is not None:
+            gradients = [g + r for g, r in zip(gradients, result.regularization_gradients)]
+        return y_pred, gradients
+
+    def compile(self, *args, **kwargs):
+        """`keras.Model.compile`; also records `loss_weights` for the per-example engine."""
+        self._noisy_loss_weights = args[2] if len(args) > 2 else kwargs.get("loss_weights")
+        super().compile(*args, **kwargs)
 
     def _report_loss(self, loss, batch_size):
         # As in the keras.io custom-train-step guide: the "loss" metric tracks the loss,

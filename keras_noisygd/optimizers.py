@@ -58,13 +58,32 @@ class NoiseMixin:
             `b < B` for the large-batch variant). Defaults to `None`.
         seed: Int seed of the noise stream. `None` draws one, recorded in the
             config. Defaults to `None`.
+        engine: How the train step forms `G W`. `"weighted"`: the gradient of
+            the re-weighted loss, one backward pass, `G` never formed.
+            `"per_example"`: forms `G` with `keras_noisygd.per_example_gradients`
+            and contracts it with the weights (same update to float rounding;
+            slower; the base for noise that is not linear in `G`). Defaults to
+            `"weighted"`.
+        chunk_size: With `engine="per_example"`, examples per vectorised chunk
+            (bounds the memory of `G` to `chunk_size` rows); `None` forms all
+            `B` rows at once. Defaults to `None`.
         **kwargs: Arguments of the Keras optimizer.
     """
 
-    def __init__(self, *args, noise="gaussian_centered", emulate_batch_size=None, seed=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        noise="gaussian_centered",
+        emulate_batch_size=None,
+        seed=None,
+        engine="weighted",
+        chunk_size=None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.noise = _validated_noise(noise, emulate_batch_size)
         self.emulate_batch_size = emulate_batch_size
+        self.engine, self.chunk_size = _validated_engine(engine, chunk_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
@@ -135,6 +154,8 @@ class NoiseMixin:
             noise=noise_lib.serialize(self.noise),
             emulate_batch_size=self.emulate_batch_size,
             seed=self.seed,
+            engine=self.engine,
+            chunk_size=self.chunk_size,
         )
         return config
 
@@ -182,6 +203,23 @@ def _validated_noise(noise, emulate_batch_size):
     return sampler
 
 
+ENGINES = ("weighted", "per_example")
+
+
+def _validated_engine(engine, chunk_size):
+    if engine not in ENGINES:
+        raise ValueError(f"Argument `engine` must be one of {list(ENGINES)}. Received: engine={engine!r}")
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"Argument `chunk_size` must be None or an int >= 1. Received: chunk_size={chunk_size!r}")
+        if engine != "per_example":
+            raise ValueError(
+                "Argument `chunk_size` only applies to engine='per_example' (the weighted engine never forms "
+                f"the per-example gradients). Received: chunk_size={chunk_size}, engine={engine!r}"
+            )
+    return engine, chunk_size
+
+
 def find_noisy_optimizer(optimizer):
     """The noise-carrying optimizer in `optimizer` (itself, or inside a `LossScaleOptimizer`), or `None`."""
     for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
@@ -223,6 +261,11 @@ class NoisyGD(NoiseMixin, keras.optimizers.SGD):
         momentum: Momentum, as in `keras.optimizers.SGD`. Defaults to `0.0`.
         nesterov: Nesterov momentum. Defaults to `False`.
         seed: Int seed of the noise stream; `None` draws one. Defaults to `None`.
+        engine: `"weighted"` (one backward pass of the re-weighted loss) or
+            `"per_example"` (forms the per-example gradients `G`, then `G W`);
+            see `NoiseMixin`. Defaults to `"weighted"`.
+        chunk_size: Rows of `G` formed at a time by the per-example engine.
+            Defaults to `None` (all).
         **kwargs: Other `keras.optimizers.Optimizer` arguments (`weight_decay`,
             `clipnorm`, `use_ema`, `gradient_accumulation_steps`, `name`, ...).
 
@@ -250,6 +293,8 @@ class NoisyGD(NoiseMixin, keras.optimizers.SGD):
         momentum=0.0,
         nesterov=False,
         seed=None,
+        engine="weighted",
+        chunk_size=None,
         **kwargs,
     ):
         super().__init__(
@@ -259,6 +304,8 @@ class NoisyGD(NoiseMixin, keras.optimizers.SGD):
             noise=noise,
             emulate_batch_size=emulate_batch_size,
             seed=seed,
+            engine=engine,
+            chunk_size=chunk_size,
             **kwargs,
         )
 
@@ -267,7 +314,8 @@ class NoisyGD(NoiseMixin, keras.optimizers.SGD):
 class NoisyAdam(NoiseMixin, keras.optimizers.Adam):
     """`keras.optimizers.Adam` on the multiplicative-noise gradient.
 
-    Same noise contract as `NoisyGD` (`noise`, `emulate_batch_size`, `seed`);
+    Same noise contract as `NoisyGD` (`noise`, `emulate_batch_size`, `seed`,
+    `engine`, `chunk_size`);
     every other argument is Adam's. Adam's moments see the noisy gradient `G W`.
 
     Args:

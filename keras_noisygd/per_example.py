@@ -1,0 +1,346 @@
+"""The per-example engine: the gradient matrix `G`, one row per example, vectorised with `tf.vectorized_map`.
+
+Two exact ways to form `G_i = d l_i / d theta`, both from `model.stateless_call`
+(so computing `G` leaves the model's state alone):
+
+* `"vectorized"`: `tf.vectorized_map` over the examples of a forward and
+  backward pass on one example. Costs about one batched step, but it is only
+  right for a model whose training-mode forward pass treats every example on
+  its own.
+* `"jacobian"`: one batched forward pass gives the `[B]` per-example losses,
+  and `tf.vectorized_map` runs the backward pass once per example on them (the
+  Jacobian of the loss vector). Exact for every model, BatchNormalization
+  (whose batch statistics couple the examples) and Dropout (one mask per
+  example, as in the batched step) included, at `O(B)` times the cost of the
+  batched backward pass.
+
+`"auto"` picks `"jacobian"` exactly when the training-mode forward pass updates
+model state (BatchNormalization's moving statistics, the seed of Dropout,
+GaussianNoise or a random augmentation layer) and `"vectorized"` otherwise. A
+custom layer that mixes examples without keeping state must be given
+`method="jacobian"`.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import keras
+import tensorflow as tf
+
+from keras_noisygd.gradients import batch_size_of
+
+__all__ = ["per_example_gradients", "METHODS"]
+
+METHODS = ("auto", "vectorized", "jacobian")
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+_ZERO = tf.UnconnectedGradients.ZERO
+
+PerExample = collections.namedtuple(
+    "PerExample", ["gradients", "regularization_gradients", "losses", "method"]
+)
+
+
+def per_example_gradients(model, x, y, sample_weight=None, loss=None, chunk_size=None, method="auto"):
+    """The gradient of every example's loss: one `[B, *variable.shape]` tensor per trainable variable.
+
+    Row `i` is `d/d theta ( s_i l_i(theta) + R(theta) )`, with `l_i` example
+    `i`'s loss, `s_i` its sample weight and `R` the model's regularization
+    losses (`model.losses`), so the mean over `i` is the gradient of the batch
+    loss `(1/B) sum_i s_i l_i + R` that `fit` descends. The training-mode
+    forward pass is the batched one: BatchNormalization normalises with the
+    batch's statistics and Dropout draws one mask per example, exactly as in a
+    training step. The model's state is not changed (no moving-statistics
+    update, no seed advance): two calls give the same result.
+
+    Compiles with XLA (`tf.function(jit_compile=True)`).
+
+    Args:
+        model: A built Keras model.
+        x: Inputs of the batch (a tensor or a nest of tensors).
+        y: Targets of the batch.
+        sample_weight: Optional `[B]` (or `[B, 1]`) weights `s_i`. Defaults to
+            `None` (all 1).
+        loss: A Keras loss (name, function or `keras.losses.Loss`) whose
+            per-example values are `l_i`; a `Loss` object's reduction must be
+            `"sum_over_batch_size"`, `"mean"` or `"sum"`. `None` uses the
+            model's compiled loss (one per output, weighted by the compiled
+            `loss_weights`). Defaults to `None`.
+        chunk_size: Examples per vectorised chunk, or `None` for the whole
+            batch at once. Bounds the peak memory of the intermediate values to
+            `chunk_size` examples; the result is the same. Defaults to `None`.
+        method: `"auto"`, `"vectorized"` or `"jacobian"` (see the module
+            docstring). Defaults to `"auto"`.
+
+    Returns:
+        A list of tensors, one per `model.trainable_variables`, each of shape
+        `[B, *variable.shape]`.
+
+    Example:
+
+    ```python
+    grads = keras_noisygd.per_example_gradients(model, x, y)
+    mean_gradient = [keras.ops.mean(g, axis=0) for g in grads]   # = the batch gradient
+    ```
+    """
+    result = compute(model, x, y, sample_weight=sample_weight, loss=loss, chunk_size=chunk_size, method=method)
+    if result.regularization_gradients is None:
+        return result.gradients
+    return [g + r[None] for g, r in zip(result.gradients, result.regularization_gradients)]
+
+
+def compute(
+    model,
+    x,
+    y,
+    sample_weight=None,
+    loss=None,
+    chunk_size=None,
+    method="auto",
+    weights=None,
+    non_trainable_values=None,
+    loss_scale=1.0,
+):
+    """The engine behind `per_example_gradients` and the `"per_example"` train step.
+
+    Returns a `PerExample` tuple: `gradients` is the per-example data-loss
+    gradients `d (s_i l_i) / d theta` (`[B, ...]` each), or with `weights` the
+    weighted mean `(1/B) sum_i weights_i G_i` (never holding more than one
+    chunk of `G`); `regularization_gradients` is `d R / d theta` or `None` when
+    the model has no losses; `losses` is the `[B]` values `s_i l_i`;
+    `method` the method used. `loss_scale` multiplies every per-example loss
+    and `R` (the train step's loss scaling and `tf.distribute` share).
+    """
+    _check_arguments(model, chunk_size, method)
+    loss_fn = _loss_function(model, loss)
+    trainable = [v.value for v in model.trainable_variables]
+    if non_trainable_values is None:
+        non_trainable_values = [v.value for v in model.non_trainable_variables]
+    batch_size = batch_size_of(x)
+    weights_dtype = trainable[0].dtype if trainable else tf.float32
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(trainable)
+        y_pred, new_state, reg_losses = model.stateless_call(
+            trainable, non_trainable_values, x, training=True, return_losses=True
+        )
+        losses = loss_fn(y, y_pred, sample_weight, batch_size) * tf.cast(loss_scale, weights_dtype)
+        regularization = None
+        if reg_losses:
+            regularization = tf.add_n([tf.cast(r, weights_dtype) for r in reg_losses]) * tf.cast(
+                loss_scale, weights_dtype
+            )
+    state_updated = any(new is not old for new, old in zip(new_state, non_trainable_values))
+    if method == "auto":
+        method = "jacobian" if state_updated else "vectorized"
+    elif method == "vectorized" and state_updated:
+        raise ValueError(
+            "Argument `method='vectorized'` runs the model on one example at a time, but this model's "
+            "training-mode forward pass updates its state (BatchNormalization statistics or the seed of "
+            "Dropout/GaussianNoise/random layers), so each example would be normalised or masked on its own. "
+            "Use method='jacobian' (exact, slower) or 'auto'. Received: method='vectorized'"
+        )
+    regularization_gradients = None
+    if regularization is not None:
+        regularization_gradients = tape.gradient(regularization, trainable, unconnected_gradients=_ZERO)
+
+    if method == "jacobian":
+        gradients = _jacobian(tape, losses, trainable, batch_size, chunk_size, weights)
+    else:
+        del tape
+
+        def one_example(xi, yi, si):
+            # The batch of one: add a leading axis of 1 to every input, target and weight.
+            xi, yi, si = tf.nest.map_structure(lambda t: t[None], (xi, yi, si))
+            with tf.GradientTape() as inner:
+                inner.watch(trainable)
+                pred, _ = model.stateless_call(trainable, non_trainable_values, xi, training=True)
+                value = loss_fn(yi, pred, si, batch_size)[0] * tf.cast(loss_scale, weights_dtype)
+            return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
+
+        gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
+    return PerExample(gradients, regularization_gradients, losses, method)
+
+
+def _check_arguments(model, chunk_size, method):
+    if method not in METHODS:
+        raise ValueError(f"Argument `method` must be one of {list(METHODS)}. Received: method={method!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"Argument `chunk_size` must be None or an int >= 1. Received: chunk_size={chunk_size!r}")
+    if not model.built:
+        raise ValueError(
+            f"Argument `model` must be built (call it on a batch or give it an Input) before per-example "
+            f"gradients can be computed. Received: model={model.name!r} (not built)"
+        )
+    if not model.trainable_variables:
+        raise ValueError(f"Argument `model` has no trainable variables. Received: model={model.name!r}")
+
+
+def _chunks(batch_size, chunk_size):
+    """Number of chunks and the (padded) example index of every chunk row: `[chunks, chunk_size]`."""
+    chunks = (batch_size + chunk_size - 1) // chunk_size
+    rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
+    return chunks, rows
+
+
+def _vectorized(one_example, batch, batch_size, chunk_size, weights, trainable):
+    x, y, sample_weight = batch
+    if sample_weight is None:
+        sample_weight = tf.ones([batch_size], trainable[0].dtype)
+
+    def run(rows):
+        # Rows past the batch (padding of the last chunk) repeat real examples; they are cut or zero-weighted.
+        xs, ys, ss = tf.nest.map_structure(lambda t: tf.gather(t, rows % batch_size), (x, y, sample_weight))
+        return tf.vectorized_map(lambda e: one_example(*e), (xs, ys, ss))
+
+    return _over_chunks(run, batch_size, chunk_size, weights, trainable)
+
+
+def _jacobian(tape, losses, trainable, batch_size, chunk_size, weights):
+    def run(rows):
+        # One backward pass per example: the cotangent of example i is the one-hot row e_i (0 past the batch).
+        cotangents = tf.one_hot(rows, batch_size, dtype=losses.dtype)
+        return tf.vectorized_map(
+            lambda v: tape.gradient(losses, trainable, output_gradients=v, unconnected_gradients=_ZERO), cotangents
+        )
+
+    return _over_chunks(run, batch_size, chunk_size, weights, trainable)
+
+
+def _over_chunks(run, batch_size, chunk_size, weights, trainable):
+    """`G`, or `(1/B) sum_i weights_i G_i`, computed `chunk_size` rows at a time."""
+    if weights is not None:
+        weights = tf.convert_to_tensor(weights)
+
+    def contract(grads, row_weights):
+        return [tf.tensordot(tf.cast(row_weights, g.dtype), g, axes=1) for g in grads]
+
+    def mean(sums):
+        return [s / tf.cast(batch_size, s.dtype) for s in sums]
+
+    if chunk_size is None:
+        grads = run(tf.range(batch_size))
+        return grads if weights is None else mean(contract(grads, weights))
+    chunks = (batch_size + chunk_size - 1) // chunk_size
+    rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
+    if weights is None:
+        signature = [tf.TensorSpec([chunk_size, *v.shape], v.dtype) for v in trainable]
+        stacked = tf.map_fn(run, rows, fn_output_signature=signature)
+        return [tf.reshape(g, [-1, *v.shape])[:batch_size] for g, v in zip(stacked, trainable)]
+    padded = tf.concat([weights, tf.zeros([chunks * chunk_size - batch_size], weights.dtype)], 0)
+    padded = tf.reshape(padded, [chunks, chunk_size])
+    signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
+    stacked = tf.map_fn(lambda a: contract(run(a[0]), a[1]), (rows, padded), fn_output_signature=signature)
+    return mean([tf.reduce_sum(g, 0) for g in stacked])
+
+
+def _loss_function(model, loss):
+    """`f(y, y_pred, sample_weight, batch_size) -> [B]` per-example losses, weighted by `sample_weight`."""
+    loss_weights = None
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "Argument `loss` is None and the model has no compiled loss: pass `loss=` or compile the "
+                f"model first. Received: loss=None, model.loss={loss!r}"
+            )
+        if len(tf.nest.flatten(loss)) > 1:
+            if not hasattr(model, "_noisy_loss_weights"):
+                raise ValueError(
+                    "Argument `loss` is None and the model's compiled loss has one loss per output; pass them "
+                    "explicitly (with any loss weights applied) or build the model with keras_noisygd.NoisyModel, "
+                    f"which records its loss weights. Received: loss=None, model.loss={loss!r}"
+                )
+            loss_weights = model._noisy_loss_weights
+    loss_objects = tf.nest.map_structure(_loss_object, loss)
+
+    def per_example(y, y_pred, sample_weight, batch_size):
+        flat_losses = tf.nest.flatten(loss_objects)
+        if len(flat_losses) == 1:
+            pairs = [(flat_losses[0], y, y_pred, 1.0)]
+        else:
+            try:
+                tf.nest.assert_same_structure(loss_objects, y_pred, check_types=False)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    "Argument `loss` must be one loss, or one loss per model output in the structure of the "
+                    f"outputs. Received: loss={loss!r} for outputs {tf.nest.map_structure(lambda t: t.shape, y_pred)}"
+                ) from error
+            flat_weights = tf.nest.flatten(loss_weights) if loss_weights is not None else [1.0] * len(flat_losses)
+            pairs = zip(flat_losses, tf.nest.flatten(y), tf.nest.flatten(y_pred), flat_weights)
+        total = None
+        for loss_obj, y_true, pred, factor in pairs:
+            values = _per_example_values(loss_obj, y_true, pred, batch_size)
+            if factor != 1.0:
+                values = values * tf.cast(factor, values.dtype)
+            total = values if total is None else total + values
+        if sample_weight is not None:
+            total = total * _per_example_weight(sample_weight, total.dtype)
+        return total
+
+    return per_example
+
+
+def _per_example_weight(sample_weight, dtype):
+    """A `[B]` or `[B, 1]` sample weight as `[B]`; per-timestep weights have no per-example value."""
+    sample_weight = tf.convert_to_tensor(sample_weight)
+    if sample_weight.shape.rank is None or any(d != 1 for d in sample_weight.shape[1:]):
+        raise ValueError(
+            "Argument `sample_weight` must have one value per example ([B] or [B, 1]) for per-example "
+            f"gradients. Received: sample_weight with shape {sample_weight.shape}"
+        )
+    return tf.reshape(tf.cast(sample_weight, dtype), [-1])
+
+
+def _loss_object(loss):
+    if isinstance(loss, keras.losses.Loss):
+        reduction = getattr(loss, "reduction", "sum_over_batch_size")
+        if reduction not in (*_MEAN_REDUCTIONS, "sum"):
+            raise ValueError(
+                f"Argument `loss` {loss!r} must reduce with one of {[*_MEAN_REDUCTIONS, 'sum']} to have "
+                f"per-example values whose mean is the batch loss. Received: reduction={reduction!r}"
+            )
+        return loss
+    function = keras.losses.get(loss)
+    if function is None or not callable(function):
+        raise ValueError(f"Argument `loss` must be a Keras loss name, function or Loss. Received: loss={loss!r}")
+    return _FunctionLoss(function)
+
+
+class _FunctionLoss:
+    """A loss function as `compile` wraps it: unreduced values, mean over the batch, floatx."""
+
+    reduction = "sum_over_batch_size"
+
+    def __init__(self, function):
+        self.function = function
+        self.dtype = keras.config.floatx()
+
+    def call(self, y_true, y_pred):
+        # As Keras's wrapper: a [B] target against a [B, 1] prediction (or the reverse) is not broadcast.
+        if y_true.shape.rank == y_pred.shape.rank - 1 and y_pred.shape[-1] == 1:
+            y_true = y_true[..., None]
+        elif y_true.shape.rank == y_pred.shape.rank + 1 and y_true.shape[-1] == 1:
+            y_true = y_true[..., 0]
+        return self.function(y_true, y_pred)
+
+    def __repr__(self):
+        return f"<loss {getattr(self.function, '__name__', self.function)!r}>"
+
+
+def _per_example_values(loss_obj, y_true, y_pred, batch_size):
+    """`[B]` values whose mean over the batch is `loss_obj(y_true, y_pred)` (as `fit` reduces it)."""
+    # As `keras.losses.Loss.__call__`: both in the loss's dtype (integer labels too).
+    y_pred = keras.ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype)
+    y_true = keras.ops.convert_to_tensor(y_true, dtype=loss_obj.dtype)
+    values = tf.convert_to_tensor(loss_obj.call(y_true, y_pred))
+    if values.shape.rank == 0:
+        raise ValueError(
+            f"Argument `loss` must give one value per example; {loss_obj!r} returns a scalar. "
+            "Received: a loss with scalar values"
+        )
+    values = tf.reshape(values, [tf.shape(values)[0], -1])
+    if loss_obj.reduction == "sum":
+        return tf.reduce_sum(values, 1) * tf.cast(batch_size, values.dtype)
+    return tf.reduce_mean(values, 1)
