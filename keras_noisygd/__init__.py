@@ -8,6 +8,7 @@ covariance, applied as per-example loss weights.
 from keras_noisygd import noise
 from keras_noisygd.gradients import noisy_gradients
 from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, noisy
+from keras_noisygd.per_example import per_example_gradients
 from keras_noisygd.optimizers import NoiseMixin, NoisyAdam, NoisyAdamW, NoisyGD, find_noisy_optimizer
 
 __version__ = "0.1.0"
@@ -24,4 +25,5 @@ __all__ = [
     "NoisyTrainStep",
     "noisy",
     "noisy_gradients",
+    "per_example_gradients",
 ]

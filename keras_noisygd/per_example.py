@@ -125,7 +125,7 @@ def compute(
         y_pred, new_state, reg_losses = model.stateless_call(
             trainable, non_trainable_values, x, training=True, return_losses=True
         )
-        losses = loss_fn(y, y_pred, sample_weight, batch_size) * tf.cast(loss_scale, weights_dtype)
+        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), weights_dtype) * tf.cast(loss_scale, weights_dtype)
         regularization = None
         if reg_losses:
             regularization = tf.add_n([tf.cast(r, weights_dtype) for r in reg_losses]) * tf.cast(
@@ -156,7 +156,7 @@ def compute(
             with tf.GradientTape() as inner:
                 inner.watch(trainable)
                 pred, _ = model.stateless_call(trainable, non_trainable_values, xi, training=True)
-                value = loss_fn(yi, pred, si, batch_size)[0] * tf.cast(loss_scale, weights_dtype)
+                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], weights_dtype) * tf.cast(loss_scale, weights_dtype)
             return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
 
         gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
