@@ -5,7 +5,8 @@ SGD's sampling noise by a freely chosen noise class with the same mean and
 covariance, applied as per-example loss weights.
 """
 
-from keras_noisygd import noise
+from keras_noisygd import monitor, noise
+from keras_noisygd.monitor import NoiseMonitor
 from keras_noisygd.gradients import noisy_gradients
 from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, noisy
 from keras_noisygd.per_example import per_example_gradients
@@ -26,4 +27,5 @@ __all__ = [
     "noisy",
     "noisy_gradients",
     "per_example_gradients",
+    "NoiseMonitor",
 ]

@@ -1,0 +1,206 @@
+"""`NoiseMonitor`: what the injected noise does, measured from the per-example gradients of a probe batch.
+
+Everything is a function of the probe batch's Gram matrix `K = G G^T`
+(`K_ij = <G_i, G_j>`, `n x n`) and a weight covariance `C` (`n x n`):
+
+    g                 = (1/n) sum_i G_i                 |g|^2 = 1^T K 1 / n^2
+    noise  xi         = (1/n) sum_i (m_i - 1) G_i        |xi|^2 = (m-1)^T K (m-1) / n^2
+    tr Cov(xi)        = tr(C K) / n^2                   (C: the covariance of m)
+    tr Sigma          = (tr K - n |g|^2) / (n - 1)       (per-example gradient covariance)
+    noise scale       = tr Sigma / |g|^2                 (McCandlish et al. 2018, B_simple)
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_noisygd import noise as noise_lib
+from keras_noisygd.optimizers import find_noisy_optimizer
+from keras_noisygd.per_example import per_example_gradients
+
+__all__ = ["NoiseMonitor", "noise_statistics", "STATISTICS"]
+
+STATISTICS = (
+    "grad_norm",
+    "noise_norm",
+    "noise_to_grad",
+    "noise_cov_trace",
+    "sgd_cov_trace",
+    "noise_scale",
+)
+
+
+def noise_statistics(gram, weights, noise_covariance, sgd_covariance):
+    """The monitor's statistics from the Gram matrix of the per-example gradients (NumPy, float64).
+
+    Args:
+        gram: `[n, n]` matrix `K_ij = <G_i, G_j>`.
+        weights: `[n]` one draw `m` of the noise weights.
+        noise_covariance: `[n, n]` covariance of `m` for the injected noise.
+        sgd_covariance: `[n, n]` covariance of SGD(b)'s weights out of `n`.
+
+    Returns:
+        A dict with the `STATISTICS` keys (floats).
+    """
+    gram = np.asarray(gram, np.float64)
+    n = gram.shape[0]
+    ones = np.ones(n)
+    grad_sq = ones @ gram @ ones / n**2
+    deviation = np.asarray(weights, np.float64) - 1.0
+    noise_sq = deviation @ gram @ deviation / n**2
+    per_example_trace = (np.trace(gram) - n * grad_sq) / (n - 1) if n > 1 else 0.0
+    grad_norm = np.sqrt(max(grad_sq, 0.0))
+    noise_norm = np.sqrt(max(noise_sq, 0.0))
+    return {
+        "grad_norm": float(grad_norm),
+        "noise_norm": float(noise_norm),
+        "noise_to_grad": float(noise_norm / grad_norm) if grad_norm > 0 else float("inf"),
+        "noise_cov_trace": float(np.sum(noise_covariance * gram) / n**2),  # tr(C K), both symmetric
+        "sgd_cov_trace": float(np.sum(sgd_covariance * gram) / n**2),
+        "noise_scale": float(per_example_trace / grad_sq) if grad_sq > 0 else float("inf"),
+    }
+
+
+class NoiseMonitor(keras.callbacks.Callback):
+    """Logs the size of the injected noise against the gradient, every `every_n_steps` optimizer steps.
+
+    From the per-example gradients `G` of a fixed probe batch of `n` examples
+    (the probe plays the role of the step's batch, so for full-batch noisy GD
+    pass the training set, or a subset of it) it computes:
+
+    - `grad_norm`: `|g|`, the norm of the batch gradient `g = mean_i G_i`;
+    - `noise_norm`: `|xi|` for one draw of the optimizer's noise,
+      `xi = (1/n) sum_i (m_i - 1) G_i`, and `noise_to_grad = |xi| / |g|`;
+    - `noise_cov_trace`: `tr Cov(xi)` of the optimizer's (calibrated) noise
+      class, next to `sgd_cov_trace`, the trace of SGD(`b`)'s sampling-noise
+      covariance it is meant to match (equal for every class calibrated to `b`);
+    - `noise_scale`: the gradient noise scale `tr(Sigma) / |g|^2` (McCandlish et
+      al. 2018, arXiv 1812.06162; `Sigma` the per-example gradient covariance
+      on the probe, `n - 1` normalised).
+
+    The values (prefixed `noise/`) are added to `fit`'s logs, so `History`
+    and a `keras.callbacks.TensorBoard` placed after this callback record them
+    per epoch; `log_dir` also writes them per measurement. `history` keeps
+    every measurement with its step. Computing `G` leaves the model's state
+    and the optimizer's noise stream untouched.
+
+    Args:
+        probe_batch: `(x, y)` or `(x, y, sample_weight)` arrays: the probe.
+        every_n_steps: Measure when the optimizer's step count reaches a
+            multiple of this (and once before training). Defaults to `100`.
+        sgd_batch_size: The `b` of the SGD(`b`) reference covariance. `None`
+            uses the optimizer's `emulate_batch_size`. Defaults to `None`.
+        loss: Loss for the per-example values; `None` uses the compiled loss.
+            Defaults to `None`.
+        chunk_size: Passed to `per_example_gradients`. Defaults to `None`.
+        log_dir: Optional directory for per-measurement TensorBoard scalars
+            (needs the `tensorboard` package: `pip install keras_noisygd[tensorboard]`).
+            Defaults to `None`.
+        seed: Seed of the monitor's own noise draws. Defaults to `0`.
+
+    Example:
+
+    ```python
+    monitor = keras_noisygd.NoiseMonitor((x_train[:256], y_train[:256]), every_n_steps=50)
+    history = model.fit(x_train, y_train, batch_size=len(x_train), epochs=500, callbacks=[monitor])
+    history.history["noise/noise_to_grad"]
+    ```
+    """
+
+    def __init__(
+        self, probe_batch, every_n_steps=100, sgd_batch_size=None, loss=None, chunk_size=None, log_dir=None, seed=0
+    ):
+        super().__init__()
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"Argument `every_n_steps` must be an int >= 1. Received: every_n_steps={every_n_steps!r}")
+        if not isinstance(probe_batch, (tuple, list)) or len(probe_batch) not in (2, 3):
+            raise ValueError(
+                "Argument `probe_batch` must be a tuple (x, y) or (x, y, sample_weight). "
+                f"Received: probe_batch of type {type(probe_batch).__name__}"
+            )
+        self.probe_batch = tuple(tf.nest.map_structure(tf.convert_to_tensor, tuple(probe_batch)))
+        size = int(tf.nest.flatten(self.probe_batch[0])[0].shape[0])
+        if size < 2:
+            raise ValueError(f"Argument `probe_batch` must hold at least 2 examples. Received: {size} example(s)")
+        self.probe_size = size
+        self.every_n_steps = every_n_steps
+        self.sgd_batch_size = sgd_batch_size
+        self.loss = loss
+        self.chunk_size = chunk_size
+        self.log_dir = log_dir
+        self.seed = seed
+        self.history = []
+        self._latest = {}
+        self._gram = None
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._noise, b = self._noise_configuration()
+        n = self.probe_size
+        self._noise_covariance = self._noise.covariance(n)
+        self._sgd_covariance = noise_lib.SGDSampling(b).covariance(n)
+        self._gram = tf.function(self._gram_matrix, jit_compile=False)
+        if self.log_dir is not None and self._writer is None:
+            try:
+                import tensorboard  # noqa: F401  (tf.summary's scalar implementation)
+            except ImportError as error:
+                raise ImportError(
+                    "Argument `log_dir` writes TensorBoard summaries, which need the `tensorboard` package: "
+                    f"pip install tensorboard. Received: log_dir={self.log_dir!r}"
+                ) from error
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._next_step = 0
+        self._measure_if_due()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._measure_if_due()
+        if logs is not None:
+            logs.update(self._latest)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._latest)
+
+    def _noise_configuration(self):
+        optimizer = find_noisy_optimizer(self.model.optimizer)
+        noise, b = noise_lib.NoNoise(), self.sgd_batch_size
+        if optimizer is not None:
+            b = b if b is not None else optimizer.emulate_batch_size
+            noise = optimizer.noise
+            if optimizer.emulate_batch_size is not None:
+                noise = noise.calibrated(optimizer.emulate_batch_size, self.probe_size)
+        if b is None:
+            raise ValueError(
+                "Argument `sgd_batch_size` is needed: the optimizer has no `emulate_batch_size` to compare "
+                "its noise with SGD(b). Received: sgd_batch_size=None"
+            )
+        noise_lib.check_at_most("sgd_batch_size", b, "the probe batch size", self.probe_size)
+        if not hasattr(noise, "covariance"):
+            raise ValueError(f"The optimizer's noise {noise!r} has no `covariance(n)`; NoiseMonitor needs it.")
+        return noise, b
+
+    def _gram_matrix(self, x, y, sample_weight):
+        grads = per_example_gradients(
+            self.model, x, y, sample_weight=sample_weight, loss=self.loss, chunk_size=self.chunk_size
+        )
+        flat = [tf.reshape(tf.cast(g, tf.float64), [self.probe_size, -1]) for g in grads]
+        return tf.add_n([tf.matmul(f, f, transpose_b=True) for f in flat])
+
+    def _measure_if_due(self):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step < self._next_step:
+            return
+        self._next_step = (step // self.every_n_steps + 1) * self.every_n_steps
+        x, y, *rest = self.probe_batch
+        gram = self._gram(x, y, rest[0] if rest else None).numpy()
+        weights = self._noise.sample(np.array([self.seed, step]), self.probe_size, "float64").numpy()
+        values = noise_statistics(gram, weights, self._noise_covariance, self._sgd_covariance)
+        self._latest = {f"noise/{k}": v for k, v in values.items()}
+        self.history.append({"step": step, **values})
+        if self._writer is not None:
+            with self._writer.as_default(step=step):
+                for key, value in self._latest.items():
+                    tf.summary.scalar(key, value)
+            self._writer.flush()
