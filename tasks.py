@@ -3,7 +3,7 @@
 
     python3 tasks.py demo    # the demo: `compare` preset, GD vs SGD vs noisy GD on MNIST-1D
     python3 tasks.py test    # the test suite, then the docs build (warnings are errors)
-    python3 tasks.py bench   # benchmarks/step_time.py
+    python3 tasks.py bench   # benchmarks/step_time.py; `bench per_example` runs benchmarks/per_example.py
     python3 tasks.py docs    # build the docs site into site/
 
 The virtual environment is (re)installed when setup.cfg or the extras change.
@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-EXTRAS = {"demo": "examples", "test": "test,examples,docs", "bench": "examples", "docs": "docs"}
+EXTRAS = {"demo": "examples", "test": "test,examples,docs", "bench": "examples,bench", "docs": "docs"}
+BENCHMARKS = ("step_time", "per_example", "long_run")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
 
 
@@ -57,7 +58,8 @@ def main(argv):
         code = run(PYTHON, "-m", "pytest", "-q", *argv[1:])
         return code or run(PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet")
     if job == "bench":
-        return run(PYTHON, "benchmarks/step_time.py", *argv[1:])
+        name, rest = (argv[1], argv[2:]) if len(argv) > 1 and argv[1] in BENCHMARKS else ("step_time", argv[1:])
+        return run(PYTHON, f"benchmarks/{name}.py", *rest)
     return run(PYTHON, "-m", "mkdocs", "build", "--strict")
 
 

@@ -24,3 +24,13 @@ def test_full_batch_digits_example_runs_and_reports_every_method(capsys):
         assert seconds > 0
     out = capsys.readouterr().out
     assert "NoisyGD gaussian_centered ~ SGD(8)" in out and "GD (full batch)" in out
+
+
+def test_noise_monitor_example_plots_both_runs(tmp_path, capsys):
+    out = tmp_path / "monitor.png"
+    runs = load("noise_monitor").main(["--steps", "12", "--every", "4", "--train-size", "100", "--out", str(out)])
+    assert [h["step"] for h in runs["NoisyGD"]] == [0, 4, 8, 12]
+    assert runs["GD"][-1]["noise_cov_trace"] == 0.0  # no noise injected
+    assert runs["NoisyGD"][-1]["noise_cov_trace"] > 0.0
+    assert out.stat().st_size > 10_000  # a real PNG with three panels
+    assert "NoisyGD" in capsys.readouterr().out
