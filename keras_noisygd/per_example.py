@@ -118,19 +118,16 @@ def compute(
     if non_trainable_values is None:
         non_trainable_values = [v.value for v in model.non_trainable_variables]
     batch_size = batch_size_of(x)
-    weights_dtype = trainable[0].dtype if trainable else tf.float32
+    dtype = trainable[0].dtype
+    scale = tf.cast(loss_scale, dtype)
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(trainable)
         y_pred, new_state, reg_losses = model.stateless_call(
             trainable, non_trainable_values, x, training=True, return_losses=True
         )
-        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), weights_dtype) * tf.cast(loss_scale, weights_dtype)
-        regularization = None
-        if reg_losses:
-            regularization = tf.add_n([tf.cast(r, weights_dtype) for r in reg_losses]) * tf.cast(
-                loss_scale, weights_dtype
-            )
+        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * scale
+        regularization = tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * scale if reg_losses else None
     state_updated = any(new is not old for new, old in zip(new_state, non_trainable_values))
     if method == "auto":
         method = "jacobian" if state_updated else "vectorized"
@@ -156,7 +153,7 @@ def compute(
             with tf.GradientTape() as inner:
                 inner.watch(trainable)
                 pred, _ = model.stateless_call(trainable, non_trainable_values, xi, training=True)
-                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], weights_dtype) * tf.cast(loss_scale, weights_dtype)
+                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], dtype) * scale
             return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
 
         gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
