@@ -83,6 +83,12 @@ class NoisyTrainStep:
         self._noisy_loss_weights = args[2] if len(args) > 2 else kwargs.get("loss_weights")
         super().compile(*args, **kwargs)
 
+    def compile_from_config(self, config):
+        """As `keras.Model.compile_from_config`, which skips a model whose `compile` is overridden."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # the slots, for the saved values to load into
+
     def _report_loss(self, loss, batch_size):
         # As in the keras.io custom-train-step guide: the "loss" metric tracks the loss,
         # un-scaled from tf.distribute's per-replica scaling like `Model.train_step` does.
