@@ -55,6 +55,9 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
             or a Keras loss: a `keras.losses.Loss` (its own reduction applies;
             the default `"sum_over_batch_size"` is the `1/B` above), or a name or
             function giving per-example values, averaged over the batch.
+            Under a `tf.distribute` strategy every loss is scaled as Keras
+            scales it (divided by the number of replicas), so the summed
+            gradients of the replicas are those of the global batch.
             Defaults to `None`.
         sample_weight: Optional user weights, multiplied with `weights`.
             Defaults to `None`.
@@ -80,8 +83,20 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
         else:
             value = _weighted_loss(keras.losses.get(loss), y, y_pred, weights)
             if model.losses:
-                value = value + tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
+                regularization = tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
+                value = value + _replica_share(regularization)
     return tape.gradient(value, model.trainable_variables)
+
+
+def _replica_share(value):
+    """`value / replicas` under a `tf.distribute` strategy, as Keras scales a loss.
+
+    The optimizer sums the replicas' gradients, so each replica contributes its
+    share: the batch mean over `R` replicas' equal batches is the sum of their
+    means over `R`, and a regularization term is counted once.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value / replicas if replicas > 1 else value
 
 
 def _weighted_loss(loss_fn, y, y_pred, weights):
@@ -96,4 +111,4 @@ def _weighted_loss(loss_fn, y, y_pred, weights):
     weights = tf.cast(weights, per_example.dtype)
     if weights.shape.rank != per_example.shape.rank:  # [B] weights on [B, T, ...] losses
         weights = tf.reshape(weights, [-1] + [1] * (per_example.shape.rank - 1))
-    return tf.reduce_mean(weights * per_example)
+    return _replica_share(tf.reduce_mean(weights * per_example))

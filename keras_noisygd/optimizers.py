@@ -10,6 +10,7 @@ loss scaling and gradient accumulation all come from the base class.
 from __future__ import annotations
 
 import random
+import threading
 
 import keras
 import tensorflow as tf
@@ -93,7 +94,7 @@ class NoiseMixin:
             shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
         )
         self._noise_state.assign([seed, 0])
-        self._noise_graph = None  # the graph whose step drew the weights, until `apply`
+        self._drawn = _DrawnGraphs()
 
     @property
     def noise_state(self):
@@ -109,22 +110,35 @@ class NoiseMixin:
         (a partial last batch) gets `m = 1`: drawing fewer than `b` examples
         already carries at least SGD(`b`)'s sampling noise.
 
+        Under a `tf.distribute` strategy with several replicas in sync
+        (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), call it in replica
+        context with the replica's own batch size. Every replica draws the
+        weights of the *global* batch (the concatenation of all replicas'
+        batches, in replica order) from the same seed and returns its own slice,
+        so the replicas' weights are those of one single-device step on the
+        global batch: the noise is calibrated to SGD(`b`) out of the global
+        batch size, and coupled noise classes (centred, SGD sampling) stay
+        coupled across replicas. The global size and this replica's offset
+        come from an `all_gather` of the local batch sizes, so uneven splits are
+        covered; a global batch smaller than `b` is then only known at run
+        time and gets `m = 1`.
+
         Args:
-            batch_size: Number `B` of examples in the step: a Python int or a
-                scalar int tensor.
+            batch_size: Number `B` of examples in the step (in this replica's
+                batch, under a strategy): a Python int or a scalar int tensor.
             dtype: Floating dtype of the weights. Defaults to `"float32"`.
 
         Returns:
             A `[batch_size]` tensor.
         """
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            raise ValueError(
-                f"{type(self).__name__} does not support tf.distribute with "
-                f"{context.num_replicas_in_sync} replicas yet: every replica would draw the same "
-                "weights and emulate SGD(b) on its own share of the batch. Train on one replica."
-            )
-        self._noise_graph = _current_graph()
+        self._drawn.mark()
+        global_size, offset = _global_batch(batch_size, type(self).__name__)
+        weights = self._sample(global_size, dtype)
+        if offset is None:
+            return weights
+        return tf.slice(weights, tf.reshape(offset, [1]), tf.reshape(batch_size, [1]))
+
+    def _sample(self, batch_size, dtype):
         b, seed = self.emulate_batch_size, self._noise_state.value
         if b is None:
             return self.noise.sample(seed, batch_size, dtype)
@@ -142,9 +156,8 @@ class NoiseMixin:
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
-        if not _drawn_in_enclosing_graph(self._noise_graph):
+        if not _drawn_in_enclosing_graph(self._drawn.pop()):
             raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__))
-        self._noise_graph = None
         super().apply(grads, trainable_variables)
         self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
 
@@ -161,6 +174,49 @@ class NoiseMixin:
 
 
 _EAGER = object()
+
+
+class _DrawnGraphs:
+    """The graph in which each thread last drew weights, until its `apply`.
+
+    Keyed by thread: `MirroredStrategy` runs (and traces) each replica's step
+    in a thread of its own, interleaved at every cross-replica call, so one
+    replica's `apply` must not see or clear another's mark.
+    """
+
+    def __init__(self):
+        self._graphs = {}
+
+    def mark(self):
+        self._graphs[threading.get_ident()] = _current_graph()
+
+    def pop(self):
+        return self._graphs.pop(threading.get_ident(), None)
+
+
+def _global_batch(batch_size, optimizer_name):
+    """`(global batch size, this replica's offset in it)`; `(batch_size, None)` on one replica.
+
+    The local sizes are all-gathered in replica order, the order in which
+    `tf.distribute` splits a global batch into the replicas' batches (and
+    `MultiWorkerMirroredStrategy` numbers the workers' replicas).
+    """
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
+        raise ValueError(
+            f"{optimizer_name} does not support `ParameterServerStrategy`: its workers step "
+            "asynchronously, so they cannot share "
+            "one noise draw per global batch. Use `MirroredStrategy` or "
+            f"`MultiWorkerMirroredStrategy`. Received: strategy={type(strategy).__name__}"
+        )
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return batch_size, None
+    local = tf.cast(batch_size, tf.int32)
+    sizes = context.all_gather(tf.reshape(local, [1]), axis=0)  # [replicas], in replica order
+    before = tf.range(context.num_replicas_in_sync) < tf.cast(context.replica_id_in_sync_group, tf.int32)
+    offset = tf.reduce_sum(tf.where(before, sizes, 0))
+    return tf.reduce_sum(sizes), offset
 
 
 def _current_graph():

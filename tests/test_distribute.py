@@ -1,0 +1,181 @@
+"""tf.distribute: `MirroredStrategy` on two logical CPUs, `MultiWorkerMirroredStrategy` with two processes.
+
+A strategy needs its devices (or `TF_CONFIG`) before TensorFlow starts, so the
+distributed runs are subprocesses (tests/distribute_scripts/) that write their
+results to a temporary folder. This process runs the same code
+(`distribute_scripts/common.py`) without a strategy as the single-device
+reference.
+
+Tolerance of the exact comparisons: the distributed and the single-device runs
+do the same float64 operations but sum the per-example gradients in another
+order (two per-replica sums, then an all-reduce), a relative rounding of
+~1e-16 per step; 4 steps of lr 0.2 on O(1) weights keep the difference near
+1e-16 (observed <= 6e-17). `atol=1e-12` leaves ~10^4 headroom while any error in
+the noise, such as both replicas using the same draw or a mis-placed slice,
+moves the weights by ~1e-2 (the same run with another seed differs by ~0.1,
+checked below).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_noisygd as kn
+from distribute_scripts import common
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "distribute_scripts"
+N, BATCH, EPOCHS = 16, 8, 2  # as in the scripts: 4 steps of a global batch of 8
+STEPS = N // BATCH * EPOCHS
+ATOL = 1e-12  # see the module docstring
+
+
+def environment(**extra):
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3", **extra)
+
+
+def flat(model):
+    return np.concatenate([w.ravel() for w in model.get_weights()])
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mirrored") / "results.npz"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "mirrored.py"), str(out)], env=environment(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return dict(np.load(out))
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multi_worker")
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "multi_worker.py"), str(out)],
+            env=environment(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+        for p in processes:  # a worker whose peer died waits forever for it
+            if p.poll() is None:
+                p.kill()
+    for p, error in zip(processes, errors):
+        assert p.returncode == 0, error[-4000:]
+    return [dict(np.load(out / f"worker_{i}.npz")) for i in range(2)]
+
+
+# -- MirroredStrategy ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", list(common.NOISES))
+def test_mirrored_fit_is_the_single_device_fit_of_the_global_batch(mirrored, noise, float64):
+    assert mirrored["replicas"] == 2
+    reference = flat(common.train(noise, common.NOISES[noise], N, BATCH, EPOCHS))
+    np.testing.assert_allclose(mirrored[f"fit/{noise}/weights"], reference, rtol=0, atol=ATOL)
+
+
+def test_the_exact_comparison_can_tell_the_noise_draws_apart(mirrored, float64):
+    noise = "gaussian_centered"
+    other_seed = flat(common.train(noise, common.NOISES[noise], N, BATCH, EPOCHS, seed=8))
+    assert np.abs(mirrored[f"fit/{noise}/weights"] - other_seed).max() > 1e3 * ATOL
+
+
+@pytest.mark.parametrize("noise", list(common.NOISES))
+def test_mirrored_noise_state_copies_agree_and_advance_once_per_step(mirrored, noise):
+    np.testing.assert_array_equal(mirrored[f"fit/{noise}/noise_state"], [[7, STEPS], [7, STEPS]])
+
+
+@pytest.mark.parametrize("loss", ["compiled", "sparse_categorical_crossentropy"])
+def test_mirrored_custom_loop_is_the_single_device_fit(mirrored, loss, float64):
+    # `noise_weights` per replica and `noisy_gradients` with the compiled loss or a loss
+    # function (scaled by 1/replicas like Keras's losses, regularization included).
+    reference = flat(common.train("gaussian_centered", 4, N, BATCH, EPOCHS))
+    np.testing.assert_allclose(mirrored[f"loop/{loss}/weights"], reference, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (2, 1)], ids=["even", "uneven"])
+def test_each_replica_gets_its_own_slice_of_the_global_draw(mirrored, sizes, float64):
+    drawn = mirrored["draws/" + "+".join(map(str, sizes))]
+    single = kn.NoisyGD(noise="gaussian_centered", emulate_batch_size=2, seed=5).noise_weights(sum(sizes), "float64")
+    np.testing.assert_array_equal(drawn, single.numpy())  # same seed, same global batch: the same weights
+    first, second = drawn[: sizes[0]], drawn[sizes[0]:]
+    assert not np.isin(second, first).any()  # independent weights: no replica repeats another's
+
+
+def test_one_seed_on_every_replica_would_repeat_the_draws(mirrored):
+    # What the global draw avoids: the same sampler and seed on both replicas.
+    naive = mirrored["naive"]
+    np.testing.assert_array_equal(naive[0], naive[1])
+    assert np.ptp(naive[0]) > 0.1  # real noise, not all ones
+
+
+def test_uneven_split_keeps_keras_per_replica_mean(mirrored, float64):
+    # 11 examples in batches of 4 end with a batch of 3 that tf.distribute splits 2 + 1.
+    # Keras scales each replica's mean loss by 1/replicas, so that step averages the two
+    # replicas' means: the single-device step with examples weighted B / (R B_r), i.e.
+    # 3/4 on replica 0's two examples and 3/2 on replica 1's one. The noise weights
+    # themselves are still the global draw (test above).
+    sample_weight = np.ones(11)
+    sample_weight[8:10], sample_weight[10] = 3 / 4, 3 / 2
+    keras_convention = flat(common.train("gaussian_centered", 2, 11, 4, 1, sample_weight=sample_weight))
+    np.testing.assert_allclose(mirrored["uneven/weights"], keras_convention, rtol=0, atol=ATOL)
+    global_mean = flat(common.train("gaussian_centered", 2, 11, 4, 1))
+    assert np.abs(mirrored["uneven/weights"] - global_mean).max() > 1e3 * ATOL
+
+
+# -- MultiWorkerMirroredStrategy --------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", list(common.NOISES))
+def test_two_workers_end_identical_and_equal_the_single_process_fit(workers, noise, float64):
+    assert [int(w["replicas"]) for w in workers] == [2, 2]
+    np.testing.assert_array_equal(workers[0][f"{noise}/weights"], workers[1][f"{noise}/weights"])
+    reference = flat(common.train(noise, common.NOISES[noise], N, BATCH, EPOCHS))
+    np.testing.assert_allclose(workers[0][f"{noise}/weights"], reference, rtol=0, atol=ATOL)
+    for w in workers:
+        np.testing.assert_array_equal(w[f"{noise}/noise_state"], [7, STEPS])
+
+
+def test_the_example_trains_identically_on_two_workers_and_in_one_process(workers):
+    # examples/multi_worker.py's training function, 3 steps in float32: the workers agree
+    # bit for bit; against one process, float32 summation order (~6e-8 relative per
+    # step) leaves differences near 1e-7, and 1e-5 still fails on any noise error (~1e-2).
+    np.testing.assert_array_equal(workers[0]["example/weights"], workers[1]["example/weights"])
+    single = flat(common.load_example().train(common.EXAMPLE_ARGS, tf.distribute.get_strategy()))
+    np.testing.assert_allclose(workers[0]["example/weights"], single, rtol=0, atol=1e-5)
+
+
+# -- Unsupported strategies ----------------------------------------------------------
+
+
+def test_parameter_server_strategy_is_a_clear_error(monkeypatch):
+    # Building a real one needs a cluster; the check only looks at the strategy's type.
+    strategy = object.__new__(tf.distribute.experimental.ParameterServerStrategy)
+    monkeypatch.setattr(tf.distribute, "get_strategy", lambda: strategy)
+    message = "NoisyGD does not support `ParameterServerStrategy`.*Received: strategy=ParameterServerStrategyV2"
+    with pytest.raises(ValueError, match=message):
+        kn.NoisyGD(noise="none").noise_weights(4)
