@@ -98,6 +98,12 @@ def test_mirrored_fit_is_the_single_device_fit_of_the_global_batch(mirrored, noi
     np.testing.assert_allclose(mirrored[f"fit/{noise}/weights"], reference, rtol=0, atol=ATOL)
 
 
+def test_mirrored_per_example_engine_is_the_single_device_fit(mirrored, float64):
+    # engine="per_example" forms each replica's G for its slice; the 1/replicas share matches Keras's loss scaling.
+    reference = flat(common.train("gaussian_centered", 4, N, BATCH, EPOCHS))
+    np.testing.assert_allclose(mirrored["fit/per_example_engine/weights"], reference, rtol=0, atol=ATOL)
+
+
 def test_the_exact_comparison_can_tell_the_noise_draws_apart(mirrored, float64):
     noise = "gaussian_centered"
     other_seed = flat(common.train(noise, common.NOISES[noise], N, BATCH, EPOCHS, seed=8))

@@ -48,22 +48,26 @@ def initial_weights(features=5, hidden=7, classes=3, seed=1):
             rng.normal(size=(hidden, classes)) / 2, rng.normal(size=classes) / 10]
 
 
-def build(noise, emulate_batch_size, seed, strategy=None):
+def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted"):
     """A compiled float64 `NoisyModel` (L2 regularizer, momentum) with fixed initial weights."""
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         inputs = keras.Input((5,))
         hidden = keras.layers.Dense(7, activation="tanh", kernel_regularizer=keras.regularizers.L2(1e-2))(inputs)
         model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
         model.set_weights(initial_weights())
-        optimizer = kn.NoisyGD(0.2, noise=noise, emulate_batch_size=emulate_batch_size, momentum=0.5, seed=seed)
+        optimizer = kn.NoisyGD(
+            0.2, noise=noise, emulate_batch_size=emulate_batch_size, momentum=0.5, seed=seed, engine=engine
+        )
         model.compile(optimizer, "sparse_categorical_crossentropy")
         optimizer.build(model.trainable_variables)
     return model
 
 
-def train(noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, sample_weight=None):
+def train(
+    noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, sample_weight=None, engine="weighted"
+):
     """Fits in order (`shuffle=False`) and returns the model."""
-    model = build(noise, emulate_batch_size, seed, strategy)
+    model = build(noise, emulate_batch_size, seed, strategy, engine)
     x, y = data(n)
     model.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
     return model

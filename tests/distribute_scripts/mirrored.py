@@ -51,6 +51,8 @@ if __name__ == "__main__":
         model = common.train(noise, b, N, BATCH, EPOCHS, strategy=strategy)
         results[f"fit/{noise}/weights"] = flat(model)
         results[f"fit/{noise}/noise_state"] = np.stack(local(model.optimizer.noise_state.value))
+    engine = common.train("gaussian_centered", 4, N, BATCH, EPOCHS, strategy=strategy, engine="per_example")
+    results["fit/per_example_engine/weights"] = flat(engine)
     for loss in (None, "sparse_categorical_crossentropy"):  # the compiled loss; a loss function
         model = common.train_loop("gaussian_centered", 4, N, BATCH, EPOCHS, strategy=strategy, loss=loss)
         results[f"loop/{loss or 'compiled'}/weights"] = flat(model)
