@@ -9,6 +9,7 @@ loss scaling and gradient accumulation all come from the base class.
 
 from __future__ import annotations
 
+import numbers
 import random
 
 import keras
@@ -27,7 +28,7 @@ _NO_NOISE_DRAWN = (
     "`keras_noisygd.NoisySequential`, or wrap it with `model = keras_noisygd.noisy(model)` "
     "before `compile`. In a custom training loop, call `weights = optimizer.noise_weights("
     "batch_size)` and `keras_noisygd.noisy_gradients(model, x, y, weights)` before "
-    "`apply_gradients`."
+    "`apply_gradients`. Received: gradients for {count} variables, with no noise weights drawn for their step."
 )
 
 
@@ -67,9 +68,9 @@ class NoiseMixin:
         self.emulate_batch_size = emulate_batch_size
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**31:
             raise ValueError(f"Argument `seed` must be None or an int in [0, 2**31). Received: seed={seed!r}")
-        self.seed = seed
+        self.seed = int(seed)  # a NumPy int too, stored as a Python int for the JSON config
         self._noise_state = self.add_variable(
             shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
         )
@@ -98,6 +99,7 @@ class NoiseMixin:
         Returns:
             A `[batch_size]` tensor.
         """
+        batch_size = _checked_batch_size(batch_size)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
             raise ValueError(
@@ -124,7 +126,7 @@ class NoiseMixin:
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
         if not _drawn_in_enclosing_graph(self._noise_graph):
-            raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__))
+            raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
         self._noise_graph = None
         super().apply(grads, trainable_variables)
         self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
@@ -137,6 +139,21 @@ class NoiseMixin:
             seed=self.seed,
         )
         return config
+
+
+def _checked_batch_size(batch_size):
+    """`batch_size`, refused if empty: now for a Python int, at run time (without XLA) for a tensor.
+
+    XLA drops the run-time assertion; `NoisyTrainStep` then reports the loss of
+    an empty batch as NaN, so `keras.callbacks.TerminateOnNaN` stops.
+    """
+    if not tf.is_tensor(batch_size):
+        noise_lib._check_int("batch_size", batch_size, 1)
+        return batch_size
+    message = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size=",
+               batch_size]
+    with tf.control_dependencies([tf.debugging.Assert(batch_size >= 1, message)]):
+        return tf.identity(batch_size)
 
 
 _EAGER = object()
