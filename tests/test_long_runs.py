@@ -29,7 +29,7 @@ def counting(base):
 
 
 def traces_per_fit(model, optimizer, jit_compile, fits):
-    model.compile(optimizer, LOSS, metrics=["accuracy"], jit_compile=False)
+    model.compile(optimizer, LOSS, metrics=["accuracy"], jit_compile=jit_compile)
     x, y = classification_data(20)
     counts = []
     for batch_size, epochs, extra in fits:
