@@ -11,8 +11,9 @@ Modes:
     restore  A fresh process: load the `.keras` file, and separately restore the
              checkpoint into a model built with another init and another noise seed;
              train each 1 more epoch.
-    killed   NoisyGD with momentum under two `BackupAndRestore` callbacks (one saving
-             at every epoch end, one every 2 steps); SIGKILLed before step 8 of 12.
+    killed   NoisyGD with momentum under three `BackupAndRestore` callbacks (saving at
+             every epoch end, every 2 steps, every 4 steps = once per epoch);
+             SIGKILLed before step 8 of 12.
     resume   A fresh process: each callback's backup resumes a fresh model; then the
              uninterrupted run and the replay that BackupAndRestore actually performs.
 """
@@ -92,6 +93,9 @@ def backups(directory):
     return {
         "epoch": keras.callbacks.BackupAndRestore(str(Path(directory) / "backup_epoch"), save_freq="epoch"),
         "steps": keras.callbacks.BackupAndRestore(str(Path(directory) / "backup_steps"), save_freq=2),
+        "epoch_steps": keras.callbacks.BackupAndRestore(
+            str(Path(directory) / "backup_epoch_steps"), save_freq=STEPS_PER_EPOCH
+        ),
     }
 
 
@@ -126,6 +130,10 @@ def main(mode, directory):
         fit(net, epochs=1)
         fit(net, epochs=1, x_y=(x[: 2 * BATCH], y[: 2 * BATCH]))
         write(directory, "replayed_gd", net, fit(net, epochs=EPOCHS, initial_epoch=1))
+        # save_freq = steps per epoch: the backup after step 4 still says epoch 0, so epoch 0 is replayed.
+        net = compiled(momentum_gd())
+        fit(net, epochs=1)
+        write(directory, "replayed_epoch_gd", net, fit(net, epochs=EPOCHS))
     else:
         raise ValueError(f"Argument `mode` must be one of save, restore, killed, resume. Received: mode={mode!r}")
 

@@ -98,3 +98,12 @@ def test_backup_mid_epoch_replays_the_epoch_start(killed_and_resumed):
     # from the backup, it is not rewound with the data).
     assert_same_state(actual, load(killed_and_resumed, "replayed_gd"))
     np.testing.assert_array_equal(actual["noise_state"], [11, 14])
+
+
+def test_backup_every_epochs_worth_of_steps_replays_the_whole_epoch(killed_and_resumed):
+    # save_freq=4 = steps per epoch: the backup after step 4 is written at the last batch of
+    # epoch 0, before the epoch counter moves on, so it records epoch 0 and the resumed run
+    # trains epoch 0 again: 4 + 12 = 16 steps, exactly that replay.
+    actual = load(killed_and_resumed, "resumed_epoch_steps")
+    assert int(actual["iterations"]) == 16
+    assert_same_state(actual, load(killed_and_resumed, "replayed_epoch_gd"))
