@@ -89,7 +89,8 @@ class NoiseMixin:
         `emulate_batch_size=b`, a batch smaller than `b` is an error when its size
         is known while tracing; a smaller batch that only shows up at run time
         (a partial last batch) gets `m = 1`: drawing fewer than `b` examples
-        already carries at least SGD(`b`)'s sampling noise.
+        already carries at least SGD(`b`)'s sampling noise. An empty batch is an
+        error (at run time without XLA; under XLA the train step reports loss NaN).
 
         Args:
             batch_size: Number `B` of examples in the step: a Python int or a
