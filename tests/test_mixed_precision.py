@@ -77,5 +77,32 @@ def test_mixed_precision_draws_float32_noise_and_trains_like_float32(mixed_float
     np.testing.assert_allclose(mixed_loss, float32_loss, rtol=5e-3)
 
 
-def test_the_policy_is_restored_after_the_mixed_precision_test():
+def test_steps_skipped_for_overflow_draw_no_noise(mixed_float16):
+    # An initial loss scale of 2**40 overflows float16 gradients: the LossScaleOptimizer skips
+    # those steps (halving the scale each time) without calling the noisy optimizer, so the
+    # noise counter counts applied steps only, and the applied steps draw [seed, 0], [seed, 1], ...
+    # exactly as a float32 run of that many steps does.
+    keras.config.set_dtype_policy("float32")
+    init = mlp(dtype=None).get_weights()
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = classification_data(32)
+    mixed = mlp(dtype=None)
+    mixed.set_weights(init)
+    optimizer = keras.optimizers.LossScaleOptimizer(kn.NoisyGD(0.1, noise=noise.Gaussian(0.5), seed=7), initial_scale=2.0**40)
+    mixed.compile(optimizer, LOSS, jit_compile=False)
+    mixed.fit(x, y, batch_size=32, epochs=30, shuffle=False, verbose=0)
+    skipped = 40 - int(np.log2(optimizer.dynamic_scale.numpy()))  # one halving per skipped step
+    assert 10 < skipped < 30 and int(optimizer.iterations.numpy()) == 30 - skipped
+    np.testing.assert_array_equal(optimizer.inner_optimizer.noise_state.numpy(), [7, 30 - skipped])
+
+    keras.config.set_dtype_policy("float32")
+    reference = mlp(dtype=None)
+    reference.set_weights(init)
+    reference.compile(kn.NoisyGD(0.1, noise=noise.Gaussian(0.5), seed=7), LOSS, jit_compile=False)
+    reference.fit(x, y, batch_size=32, epochs=30 - skipped, shuffle=False, verbose=0)
+    moved = [w - w0 for w, w0 in zip(reference.get_weights(), init)]
+    assert relative_distance(mixed.get_weights(), reference.get_weights(), moved) < 1e-2  # as above
+
+
+def test_the_policy_is_restored_after_the_mixed_precision_tests():
     assert keras.config.dtype_policy().name == "float32"
