@@ -15,7 +15,9 @@ Modes:
              every epoch end, every 2 steps, every 4 steps = once per epoch);
              SIGKILLed before step 8 of 12.
     resume   A fresh process: each callback's backup resumes a fresh model; then the
-             uninterrupted run and the replay that BackupAndRestore actually performs.
+             uninterrupted run and the replays that BackupAndRestore actually performs.
+    first    save, then killed (in one process, which ends killed).
+    second   restore, then resume (in a second process).
 """
 
 import os
@@ -100,7 +102,10 @@ def backups(directory):
 
 
 def main(mode, directory):
-    if mode == "save":
+    if mode in COMBINED:  # one process start instead of two (each costs seconds of TF import)
+        for part in COMBINED[mode]:
+            main(part, directory)
+    elif mode == "save":
         net = compiled(adam())
         fit(net, epochs=2)
         net.save(Path(directory) / "model.keras")
@@ -135,7 +140,11 @@ def main(mode, directory):
         fit(net, epochs=1)
         write(directory, "replayed_epoch_gd", net, fit(net, epochs=EPOCHS))
     else:
-        raise ValueError(f"Argument `mode` must be one of save, restore, killed, resume. Received: mode={mode!r}")
+        raise ValueError(f"Argument `mode` must be one of {MODES}. Received: mode={mode!r}")
+
+
+COMBINED = {"first": ("save", "killed"), "second": ("restore", "resume")}
+MODES = ["save", "restore", "killed", "resume", *COMBINED]
 
 
 def checkpoint(net):

@@ -82,7 +82,7 @@ def full_run(noise_seed=3):
     model = mlp()
     model.compile(kn.NoisyAdam(0.01, noise="gaussian_centered", emulate_batch_size=4, seed=noise_seed), LOSS,
                   metrics=["accuracy"], jit_compile=False)
-    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=True, validation_split=0.2, verbose=0)
+    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=True, validation_split=0.2, verbose=0)
     return model.get_weights(), history.history
 
 
