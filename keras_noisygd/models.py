@@ -48,7 +48,7 @@ class NoisyTrainStep:
         # The clean loss is read before the update (regularizers see these weights).
         clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        self._report_loss(clean_loss, batch_size)
+        self._report_loss(clean_loss, batch_size, weights)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _weighted_gradients(self, x, y, sample_weight, weights):
@@ -89,9 +89,13 @@ class NoisyTrainStep:
         if self.built:
             self.optimizer.build(self.trainable_variables)  # the slots, for the saved values to load into
 
-    def _report_loss(self, loss, batch_size):
+    def _report_loss(self, loss, batch_size, weights):
         # As in the keras.io custom-train-step guide: the "loss" metric tracks the loss,
         # un-scaled from tf.distribute's per-replica scaling like `Model.train_step` does.
+        # Weights that are NaN (XLA's stand-in for a failed run-time check, `noise.guarded`)
+        # or empty (an empty batch) make the reported loss NaN, so `TerminateOnNaN` stops.
+        usable = tf.logical_and(tf.size(weights) > 0, tf.reduce_all(tf.math.is_finite(weights)))
+        loss = tf.where(usable, loss, tf.constant(float("nan"), loss.dtype))
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         for metric in self.metrics:
             if metric.name == "loss":

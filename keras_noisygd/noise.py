@@ -89,11 +89,14 @@ def check_at_most(name, value, limit_name, limit):
             )
         return []
     ok = tf.cast(value, tf.int64) <= tf.cast(limit, tf.int64)
-    return [(ok, f"Argument `{name}` must be <= {limit_name}.")]
+    message = [f"Argument `{name}` must be <= {limit_name}. Received: {name}=", value, f"{limit_name}=", limit]
+    return [(ok, message)]
 
 
 def guarded(weights, conditions):
     """`weights`, checked against run-time `(condition, message)` pairs.
+
+    A message is a string or a list of strings and tensors (printed in turn).
 
     Without XLA a failed condition raises `InvalidArgumentError` with its
     message. XLA drops assertions, so the weights are also replaced by NaN:
@@ -102,7 +105,9 @@ def guarded(weights, conditions):
     """
     if not conditions:
         return weights
-    asserts = [tf.debugging.Assert(ok, [message]) for ok, message in conditions]
+    asserts = [
+        tf.debugging.Assert(ok, [message] if isinstance(message, str) else message) for ok, message in conditions
+    ]
     all_ok = tf.reduce_all(tf.stack([ok for ok, _ in conditions]))
     with tf.control_dependencies(asserts):
         return tf.where(all_ok, weights, tf.constant(float("nan"), weights.dtype))
@@ -213,8 +218,11 @@ class Sampler:
                 f"`{type(self).__name__}.emulating(b, N)`."
             )
         _check_int("batch_size", batch_size, 1)
+        dtype = tf.as_dtype(dtype)
+        if not dtype.is_floating:
+            raise ValueError(f"Argument `dtype` must be a floating dtype. Received: dtype={dtype.name!r}")
         conditions = self._check_batch(batch_size)
-        return guarded(self._sample(_as_seed(seed), batch_size, tf.as_dtype(dtype)), conditions)
+        return guarded(self._sample(_as_seed(seed), batch_size, dtype), conditions)
 
     def covariance(self, batch_size: int) -> np.ndarray:
         """The exact `[batch_size, batch_size]` covariance matrix of the weights (NumPy)."""

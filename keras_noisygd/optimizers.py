@@ -9,6 +9,7 @@ loss scaling and gradient accumulation all come from the base class.
 
 from __future__ import annotations
 
+import numbers
 import random
 import threading
 
@@ -28,7 +29,7 @@ _NO_NOISE_DRAWN = (
     "`keras_noisygd.NoisySequential`, or wrap it with `model = keras_noisygd.noisy(model)` "
     "before `compile`. In a custom training loop, call `weights = optimizer.noise_weights("
     "batch_size)` and `keras_noisygd.noisy_gradients(model, x, y, weights)` before "
-    "`apply_gradients`."
+    "`apply_gradients`. Received: gradients for {count} variables, with no noise weights drawn for their step."
 )
 
 
@@ -87,9 +88,9 @@ class NoiseMixin:
         self.engine, self.chunk_size = _validated_engine(engine, chunk_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**31:
             raise ValueError(f"Argument `seed` must be None or an int in [0, 2**31). Received: seed={seed!r}")
-        self.seed = seed
+        self.seed = int(seed)  # a NumPy int too, stored as a Python int for the JSON config
         self._noise_state = self.add_variable(
             shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
         )
@@ -108,7 +109,8 @@ class NoiseMixin:
         `emulate_batch_size=b`, a batch smaller than `b` is an error when its size
         is known while tracing; a smaller batch that only shows up at run time
         (a partial last batch) gets `m = 1`: drawing fewer than `b` examples
-        already carries at least SGD(`b`)'s sampling noise.
+        already carries at least SGD(`b`)'s sampling noise. An empty batch is an
+        error (at run time without XLA; under XLA the train step reports loss NaN).
 
         Under a `tf.distribute` strategy with several replicas in sync
         (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), call it in replica
@@ -131,6 +133,7 @@ class NoiseMixin:
         Returns:
             A `[batch_size]` tensor.
         """
+        batch_size = _checked_batch_size(batch_size)
         self._drawn.mark()
         global_size, offset = _global_batch(batch_size, type(self).__name__)
         weights = self._sample(global_size, dtype)
@@ -157,7 +160,7 @@ class NoiseMixin:
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
         if not _drawn_in_enclosing_graph(self._drawn.pop()):
-            raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__))
+            raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
         super().apply(grads, trainable_variables)
         self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
 
@@ -171,6 +174,21 @@ class NoiseMixin:
             chunk_size=self.chunk_size,
         )
         return config
+
+
+def _checked_batch_size(batch_size):
+    """`batch_size`, refused if empty: now for a Python int, at run time (without XLA) for a tensor.
+
+    XLA drops the run-time assertion; `NoisyTrainStep` then reports the loss of
+    an empty batch as NaN, so `keras.callbacks.TerminateOnNaN` stops.
+    """
+    if not tf.is_tensor(batch_size):
+        noise_lib._check_int("batch_size", batch_size, 1)
+        return batch_size
+    message = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size=",
+               batch_size]
+    with tf.control_dependencies([tf.debugging.Assert(batch_size >= 1, message)]):
+        return tf.identity(batch_size)
 
 
 _EAGER = object()

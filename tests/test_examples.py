@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -34,3 +36,12 @@ def test_noise_monitor_example_plots_both_runs(tmp_path, capsys):
     assert runs["NoisyGD"][-1]["noise_cov_trace"] > 0.0
     assert out.stat().st_size > 10_000  # a real PNG with three panels
     assert "NoisyGD" in capsys.readouterr().out
+
+
+def test_export_savedmodel_example_serves_the_trained_predictions(tmp_path, capsys):
+    results = load("export_savedmodel").main(["--steps", "20", "--train-size", "300", "--out", str(tmp_path / "sm")])
+    assert results["accuracy"] > 0.5  # 20 full-batch steps: ~0.7 on the held-out digits, chance is 0.1
+    np.testing.assert_array_equal(results["served"], results["expected"])  # the example also checks both loaders
+    assert (tmp_path / "sm" / "saved_model.pb").exists()
+    out = capsys.readouterr().out
+    assert "keras.layers.TFSMLayer   max |prediction difference| = 0.0e+00" in out

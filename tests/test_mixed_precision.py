@@ -1,0 +1,108 @@
+"""Mixed precision: under `mixed_float16` Keras wraps the optimizer in a LossScaleOptimizer;
+the noisy step still finds the noise, draws it in float32, and trains like float32."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_noisygd as kn
+from keras_noisygd import noise
+from tests.helpers import classification_data, mlp
+
+LOSS = "sparse_categorical_crossentropy"
+STEPS = 10
+
+
+class RecordingGaussian:
+    """A user sampler that records the dtype the train step asks for."""
+
+    def __init__(self):
+        self.dtypes = []
+
+    def sample(self, seed, batch_size, dtype="float32"):
+        self.dtypes.append(tf.as_dtype(dtype))
+        return noise.Gaussian(0.5).sample(seed, batch_size, dtype)
+
+
+@pytest.fixture
+def mixed_float16():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    yield
+    keras.config.set_dtype_policy(previous)
+
+
+def train(optimizer, init, policy_model):
+    x, y = classification_data(32)
+    model = policy_model()
+    model.set_weights(init)
+    model.compile(optimizer, LOSS, jit_compile=False)
+    # shuffle=False: the noise weights are positional, so the data order must match too.
+    history = model.fit(x, y, batch_size=32, epochs=STEPS, shuffle=False, verbose=0)
+    return model, history.history["loss"]
+
+
+def relative_distance(a, b, reference):
+    return max(np.linalg.norm(u - v) / np.linalg.norm(r) for u, v, r in zip(a, b, reference))
+
+
+def test_mixed_precision_draws_float32_noise_and_trains_like_float32(mixed_float16):
+    keras.config.set_dtype_policy("float32")
+    float32_model = mlp(dtype=None)
+    init = float32_model.get_weights()
+    keras.config.set_dtype_policy("mixed_float16")
+
+    sampler = RecordingGaussian()
+    mixed, mixed_loss = train(kn.NoisyGD(0.1, noise=sampler, momentum=0.5, seed=7), init, lambda: mlp(dtype=None))
+    assert mixed.layers[1].compute_dtype == "float16" and mixed.layers[1].variable_dtype == "float32"
+    assert isinstance(mixed.optimizer, keras.optimizers.LossScaleOptimizer)
+    # Weights in float32, not the float16 compute dtype. Two traces: a stock `keras.Model`
+    # under mixed_float16 also traces its train step twice (the loss-scale variables are
+    # created in the first trace); the float32 run traces once (tests/test_long_runs.py).
+    assert sampler.dtypes == [tf.float32, tf.float32]
+    assert int(mixed.optimizer.iterations.numpy()) == STEPS  # no step skipped for overflow ...
+    np.testing.assert_array_equal(mixed.optimizer.inner_optimizer.noise_state.numpy(), [7, STEPS])  # ... or noise lost
+
+    keras.config.set_dtype_policy("float32")
+    same_noise, float32_loss = train(kn.NoisyGD(0.1, noise=noise.Gaussian(0.5), momentum=0.5, seed=7), init, lambda: mlp(dtype=None))
+    other_noise, _ = train(kn.NoisyGD(0.1, noise=noise.Gaussian(0.5), momentum=0.5, seed=8), init, lambda: mlp(dtype=None))
+    moved = [w - w0 for w, w0 in zip(same_noise.get_weights(), init)]
+    # float16 rounds each activation and gradient to 2**-11 = 4.9e-4 relative; over 10 steps the
+    # weight updates agree to 3e-4..5e-4 of their size (measured over 3 inits). 1e-2 leaves a 20x
+    # margin and is still 25x below what another noise draw changes (0.26..0.48, measured).
+    assert relative_distance(mixed.get_weights(), same_noise.get_weights(), moved) < 1e-2
+    assert relative_distance(other_noise.get_weights(), same_noise.get_weights(), moved) > 0.1
+    # The clean losses: measured 1.2e-4 relative apart; 5e-3 is ~10 float16 epsilons.
+    np.testing.assert_allclose(mixed_loss, float32_loss, rtol=5e-3)
+
+
+def test_steps_skipped_for_overflow_draw_no_noise(mixed_float16):
+    # An initial loss scale of 2**40 overflows float16 gradients: the LossScaleOptimizer skips
+    # those steps (halving the scale each time) without calling the noisy optimizer, so the
+    # noise counter counts applied steps only, and the applied steps draw [seed, 0], [seed, 1], ...
+    # exactly as a float32 run of that many steps does.
+    keras.config.set_dtype_policy("float32")
+    init = mlp(dtype=None).get_weights()
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = classification_data(32)
+    mixed = mlp(dtype=None)
+    mixed.set_weights(init)
+    optimizer = keras.optimizers.LossScaleOptimizer(kn.NoisyGD(0.1, noise=noise.Gaussian(0.5), seed=7), initial_scale=2.0**40)
+    mixed.compile(optimizer, LOSS, jit_compile=False)
+    mixed.fit(x, y, batch_size=32, epochs=30, shuffle=False, verbose=0)
+    skipped = 40 - int(np.log2(optimizer.dynamic_scale.numpy()))  # one halving per skipped step
+    assert 10 < skipped < 30 and int(optimizer.iterations.numpy()) == 30 - skipped
+    np.testing.assert_array_equal(optimizer.inner_optimizer.noise_state.numpy(), [7, 30 - skipped])
+
+    keras.config.set_dtype_policy("float32")
+    reference = mlp(dtype=None)
+    reference.set_weights(init)
+    reference.compile(kn.NoisyGD(0.1, noise=noise.Gaussian(0.5), seed=7), LOSS, jit_compile=False)
+    reference.fit(x, y, batch_size=32, epochs=30 - skipped, shuffle=False, verbose=0)
+    moved = [w - w0 for w, w0 in zip(reference.get_weights(), init)]
+    assert relative_distance(mixed.get_weights(), reference.get_weights(), moved) < 1e-2  # as above
+
+
+def test_the_policy_is_restored_after_the_mixed_precision_tests():
+    assert keras.config.dtype_policy().name == "float32"
