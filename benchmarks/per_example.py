@@ -12,7 +12,8 @@ For each model and batch size B, in one process on the same CPU:
 
 Times are medians over repetitions; every ratio is to the plain step with the same XLA setting measured
 in the same run. Peak memory is the process's peak resident set above its resident set when the
-measurement starts (Linux `VmHWM`, reset through `/proc/self/clear_refs`), and for model (c) the floor
+measurement starts (Linux `VmHWM`, reset through `/proc/self/clear_refs`; the script re-runs itself with a
+fixed glibc mmap threshold so that freed blocks leave the resident set), and for model (c) the floor
 of writing `B x d` float32 values once is printed next to it.
 
 The last table compares two formulations of a convolution's per-example filter gradient (see
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -166,11 +168,12 @@ def measure(fn, repeats):
 
 
 def _materialise(result):
+    # A CPU tf.function call returns computed tensors; touch one value of each (no copy of G).
     for tensor in tf.nest.flatten(result):
-        tensor.numpy()
+        tf.reshape(tensor, [-1])[:1].numpy()
 
 
-def methods(model, x, y, include_loop):
+def methods(model, x, y, include_loop, chunk_size=None):
     """name -> zero-argument callable running that method on the batch."""
     weights = tf.ones([x.shape[0]])
 
@@ -185,12 +188,18 @@ def methods(model, x, y, include_loop):
     def per_example(x, y):
         return kn.per_example_gradients(model, x, y, loss=LOSS)
 
+    def chunked(x, y):
+        return kn.per_example_gradients(model, x, y, loss=LOSS, chunk_size=chunk_size)
+
     table = {}
     for xla in (False, True):
         suffix = " xla" if xla else ""
         for name, fn in (("plain", plain), ("weighted", weighted), ("per-example", per_example)):
             compiled = tf.function(fn, jit_compile=xla)
             table[name + suffix] = lambda compiled=compiled: _materialise(compiled(x, y))
+        if chunk_size and chunk_size < x.shape[0]:
+            compiled = tf.function(chunked, jit_compile=xla)
+            table[f"per-example c={chunk_size}{suffix}"] = lambda compiled=compiled: _materialise(compiled(x, y))
     if include_loop:
         single = tf.function(plain, jit_compile=True)
 
@@ -206,8 +215,10 @@ def methods(model, x, y, include_loop):
 
         table["loop eager"] = eager_loop
     sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
-    floor = tf.function(lambda: [tf.fill([x.shape[0], size], 1.0) for size in sizes], autograph=False)
-    table["floor: write B x d"] = lambda: _materialise(floor())
+    # The fill value is an argument, so that grappler cannot fold the fill into a cached constant.
+    floor = tf.function(lambda value: [tf.fill([x.shape[0], size], value) for size in sizes], autograph=False)
+    value = tf.constant(1.0)
+    table["floor: write B x d"] = lambda: _materialise(floor(value))
     per_example_jax, _, _ = jax_per_example(model)
     x_np, y_np = x.numpy(), y.numpy()
     table["jax vmap(grad)"] = lambda: per_example_jax(x_np, y_np)
@@ -262,12 +273,24 @@ def conv_formulations(batch_size, repeats, shape=(28, 28, 1), filters=10, kernel
             print(f"  xla={xla!s:5} {name:18} {1e3 * seconds:8.2f} ms  x batched {seconds / base:6.2f}")
 
 
+def _reexec_with_fixed_mmap_threshold():
+    """Large blocks always mmap'd and unmapped on free (glibc), so each measurement's peak RSS is its own.
+
+    With glibc's default dynamic threshold a freed multi-megabyte block is kept in the heap and reused,
+    and later peaks would hide under earlier ones.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--loop-up-to", type=int, default=512, help="skip the Python loop above this B")
+    parser.add_argument("--chunk-size", type=int, default=32, help="also time per-example with this chunk_size")
     parser.add_argument("--conv-batch-size", type=int, default=128, help="B of the Conv2D formulation comparison")
     args = parser.parse_args(argv)
 
@@ -286,7 +309,7 @@ def main(argv=None):
             y = tf.constant(rng.integers(0, 10, batch_size))
             check_jax_agrees(model, x, y)
             results = {}
-            for name, fn in methods(model, x, y, batch_size <= args.loop_up_to).items():
+            for name, fn in methods(model, x, y, batch_size <= args.loop_up_to, args.chunk_size).items():
                 results[name] = measure(fn, args.repeats if not name.startswith("loop") else 1)
             for name, (seconds, peak) in results.items():
                 base = results["plain xla" if ("xla" in name or name.startswith(("jax", "floor"))) else "plain"][0]
@@ -304,13 +327,14 @@ def main(argv=None):
             )
             if model_name == "wide_cnn":
                 floor = batch_size * d * 4 / 2**20
-                summary += (
-                    f", floor B x d float32 = {floor:.1f} MiB, per-example peak / floor = "
-                    f"{results['per-example'][1] / floor:.2f} (xla {results['per-example xla'][1] / floor:.2f})"
+                ratios = ", ".join(
+                    f"{name} {peak / floor:.2f}" for name, (_, peak) in results.items() if name.startswith("per-example")
                 )
+                summary += f"\n  -> floor B x d float32 = {floor:.1f} MiB; peak / floor: {ratios}"
             print(summary)
     conv_formulations(args.conv_batch_size, args.repeats)
 
 
 if __name__ == "__main__":
+    _reexec_with_fixed_mmap_threshold()
     main()

@@ -224,7 +224,10 @@ def _over_chunks(run, batch_size, chunk_size, weights, trainable):
     if weights is None:
         signature = [tf.TensorSpec([chunk_size, *v.shape], v.dtype) for v in trainable]
         stacked = tf.map_fn(run, rows, fn_output_signature=signature)
-        return [tf.reshape(g, [-1, *v.shape])[:batch_size] for g, v in zip(stacked, trainable)]
+        grads = [tf.reshape(g, [-1, *v.shape]) for g, v in zip(stacked, trainable)]
+        if isinstance(batch_size, int) and batch_size % chunk_size == 0:
+            return grads  # no padding rows to cut (and no copy of G to cut them)
+        return [g[:batch_size] for g in grads]
     padded = tf.concat([weights, tf.zeros([chunks * chunk_size - batch_size], weights.dtype)], 0)
     padded = tf.reshape(padded, [chunks, chunk_size])
     signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
