@@ -331,6 +331,13 @@ class _FunctionLoss:
 
 def _per_example_values(loss_obj, y_true, y_pred, batch_size):
     """`[B]` values whose mean over the batch is `loss_obj(y_true, y_pred)` (as `fit` reduces it)."""
+    if getattr(y_pred, "_keras_mask", None) is not None:
+        # Keras would weight the loss by the mask and divide by its sum; refuse rather than ignore it.
+        raise ValueError(
+            "Argument `model` produces masked outputs (a Masking layer or `mask_zero=True`), which the "
+            "per-example engine does not support: per-example losses would ignore the mask. "
+            "Received: an output with a Keras mask"
+        )
     # As `keras.losses.Loss.__call__`: both in the loss's dtype (integer labels too).
     y_pred = keras.ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype)
     y_true = keras.ops.convert_to_tensor(y_true, dtype=loss_obj.dtype)

@@ -271,6 +271,16 @@ def test_bad_arguments_are_named(float64):
         kn.per_example_gradients(unbuilt, x, y, loss="mse")
 
 
+def test_masked_outputs_are_refused_not_ignored(float64):
+    inputs = keras.Input((4,), dtype="int32")
+    hidden = keras.layers.Embedding(5, 3, mask_zero=True)(inputs)  # the mask reaches the per-step output
+    model = kn.NoisyModel(inputs, keras.layers.Dense(2, activation="softmax")(hidden))
+    model.compile(kn.NoisyGD(0.1, noise="none"), "sparse_categorical_crossentropy")
+    x = tf.constant([[1, 2, 0, 0], [3, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"masked outputs.*Received: an output with a Keras mask"):
+        kn.per_example_gradients(model, x, tf.zeros([2, 4], tf.int64))
+
+
 class _ScalarLoss(keras.losses.Loss):
     def __init__(self):
         super().__init__()
