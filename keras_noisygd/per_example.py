@@ -107,7 +107,7 @@ def compute(
     Returns a `PerExample` tuple: `gradients` is the per-example data-loss
     gradients `d (s_i l_i) / d theta` (`[B, ...]` each), or with `weights` the
     weighted mean `(1/B) sum_i weights_i G_i` (never holding more than one
-    chunk of `G`); `regularization_gradients` is `d R / d theta` or `None` when
+    chunk of `G`; the rows are formed with the `1/B` inside, `losses` too); `regularization_gradients` is `d R / d theta` or `None` when
     the model has no losses; `losses` is the `[B]` values `s_i l_i`;
     `method` the method used. `loss_scale` multiplies every per-example loss
     and `R` (the train step's loss scaling and `tf.distribute` share).
@@ -120,13 +120,17 @@ def compute(
     batch_size = batch_size_of(x)
     dtype = trainable[0].dtype
     scale = tf.cast(loss_scale, dtype)
+    # With weights, the 1/B of the weighted mean goes into the backward pass: each row then has the size of
+    # its share of the batch gradient, as in the weighted engine (under loss scaling, B times larger rows
+    # would overflow float16 activations' gradients).
+    data_scale = scale if weights is None else scale / tf.cast(batch_size, dtype)
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(trainable)
         y_pred, new_state, reg_losses = model.stateless_call(
             trainable, non_trainable_values, x, training=True, return_losses=True
         )
-        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * scale
+        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * data_scale
         regularization = tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * scale if reg_losses else None
     state_updated = any(new is not old for new, old in zip(new_state, non_trainable_values))
     if method == "auto":
@@ -153,7 +157,7 @@ def compute(
             with tf.GradientTape() as inner:
                 inner.watch(trainable)
                 pred, _ = model.stateless_call(trainable, non_trainable_values, xi, training=True)
-                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], dtype) * scale
+                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], dtype) * data_scale
             return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
 
         gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
@@ -206,19 +210,16 @@ def _jacobian(tape, losses, trainable, batch_size, chunk_size, weights):
 
 
 def _over_chunks(run, batch_size, chunk_size, weights, trainable):
-    """`G`, or `(1/B) sum_i weights_i G_i`, computed `chunk_size` rows at a time."""
+    """`G`, or `sum_i weights_i G_i`, computed `chunk_size` rows at a time."""
     if weights is not None:
         weights = tf.convert_to_tensor(weights)
 
     def contract(grads, row_weights):
         return [tf.tensordot(tf.cast(row_weights, g.dtype), g, axes=1) for g in grads]
 
-    def mean(sums):
-        return [s / tf.cast(batch_size, s.dtype) for s in sums]
-
     if chunk_size is None:
         grads = run(tf.range(batch_size))
-        return grads if weights is None else mean(contract(grads, weights))
+        return grads if weights is None else contract(grads, weights)
     chunks = (batch_size + chunk_size - 1) // chunk_size
     rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
     if weights is None:
@@ -232,7 +233,7 @@ def _over_chunks(run, batch_size, chunk_size, weights, trainable):
     padded = tf.reshape(padded, [chunks, chunk_size])
     signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
     stacked = tf.map_fn(lambda a: contract(run(a[0]), a[1]), (rows, padded), fn_output_signature=signature)
-    return mean([tf.reduce_sum(g, 0) for g in stacked])
+    return [tf.reduce_sum(g, 0) for g in stacked]
 
 
 def _loss_function(model, loss):
