@@ -18,7 +18,6 @@ checked below).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,20 +54,10 @@ def mirrored(tmp_path_factory):
     return dict(np.load(out))
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     out = tmp_path_factory.mktemp("multi_worker")
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in common.load_example().free_ports(2)]}
     processes = [
         subprocess.Popen(
             [sys.executable, str(SCRIPTS / "multi_worker.py"), str(out)],

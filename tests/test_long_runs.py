@@ -5,7 +5,6 @@
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import keras_noisygd as kn
