@@ -503,7 +503,11 @@ class SparseGaussian(Sampler):
         return "sparse_gaussian_centered" if self.centered else "sparse_gaussian"
 
     def _check_batch(self, n):
-        return check_at_most("num_noisy", self.num_noisy, "the number of examples N", n)
+        conditions = check_at_most("num_noisy", self.num_noisy, "the number of examples N", n)
+        if self.centered and tf.is_tensor(self.num_noisy):  # k = b from a schedule: centring needs k >= 2
+            message = ["Argument `num_noisy` must be >= 2 when centred. Received: num_noisy=", self.num_noisy]
+            conditions.append((self.num_noisy >= 2, message))
+        return conditions
 
     def _sample(self, seed, n, dtype):
         bits = _random_bits(seed, [3, n])

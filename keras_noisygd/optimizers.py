@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numbers
 import random
-import threading
 
 import keras
 import tensorflow as tf
 
+from keras_noisygd import _tf_bookkeeping as _tf
 from keras_noisygd import noise as noise_lib
 
 __all__ = ["NoiseMixin", "NoisyGD", "NoisyAdam", "NoisyAdamW", "find_noisy_optimizer"]
@@ -37,7 +37,7 @@ class NoiseMixin:
     """Gives any Keras optimizer a multiplicative sampling noise.
 
     Put it first among the bases, before a `keras.optimizers.Optimizer`
-    subclass; it adds three arguments and passes every other one to the base:
+    subclass; it adds its arguments and passes every other one to the base:
 
     ```python
     @keras.saving.register_keras_serializable()
@@ -45,19 +45,32 @@ class NoiseMixin:
         pass
     ```
 
-    The random state is the optimizer variable `noise_state = [seed, counter]`,
-    a stateless seed: step `k` draws its weights from `[seed, k]`, and the
-    counter advances once per `apply` (per micro-step under gradient
-    accumulation), so checkpoints restore the noise stream exactly.
+    The random state is the optimizer variable `noise_state = [seed, counter]`.
+    The counter advances once per `apply` (once per micro-step under gradient
+    accumulation), so checkpoints restore the noise stream exactly. Update
+    `u` draws its weights from the stateless seed `[seed, u]`.
+
+    **One draw per update.** With Keras's `gradient_accumulation_steps=k`, an
+    update averages the gradients of `k` micro-batches of `c` examples each.
+    The weights of the whole update (`N = k c` examples, times the replicas
+    under `tf.distribute`) are drawn once, from the same seed a single batch of
+    `N` would use, and micro-step `j` trains on its slice `[j c, (j + 1) c)`.
+    So `fit(x, y, batch_size=n // k)` with `gradient_accumulation_steps=k`
+    takes the steps of `fit(x, y, batch_size=n)`: full-batch noisy GD on data
+    of any size, and `emulate_batch_size` is calibrated against `N`. All
+    micro-batches of an update must have the same size (checked at run time).
 
     Args:
         noise: A name from `keras_noisygd.noise.NAMES`, a sampler, or a sampler
             config. A name, or a sampler whose noise size is `None`, is a template
             that needs `emulate_batch_size`. Defaults to `"gaussian_centered"`.
-        emulate_batch_size: The SGD batch size `b` to emulate. At every step the
-            noise class is calibrated to SGD(`b`) drawn out of that step's batch
-            of `B` examples (`B` = the training set for full-batch noisy GD,
-            `b < B` for the large-batch variant). Defaults to `None`.
+        emulate_batch_size: The SGD batch size `b` to emulate: an int, or a
+            `keras.optimizers.schedules.LearningRateSchedule` of the update
+            step whose value (rounded to the nearest integer) is `b` at that
+            update, e.g. an emulated batch that grows during training. At every
+            update the noise class is calibrated to SGD(`b`) drawn out of that
+            update's `N` examples (`N` = the training set for full-batch noisy
+            GD, `b < N` for the large-batch variant). Defaults to `None`.
         seed: Int seed of the noise stream. `None` draws one, recorded in the
             config. Defaults to `None`.
         engine: How the train step forms `G W`. `"weighted"`: the gradient of
@@ -83,8 +96,8 @@ class NoiseMixin:
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.noise = _validated_noise(noise, emulate_batch_size)
-        self.emulate_batch_size = emulate_batch_size
+        self.emulate_batch_size = _validated_emulate_batch_size(emulate_batch_size)
+        self.noise = _validated_noise(noise, self.emulate_batch_size)
         self.engine, self.chunk_size = _validated_engine(engine, chunk_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
@@ -95,7 +108,12 @@ class NoiseMixin:
             shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
         )
         self._noise_state.assign([seed, 0])
-        self._drawn = _DrawnGraphs()
+        if self.gradient_accumulation_steps:
+            # The (global) size of the current update's first micro-batch: the others must match it.
+            self._micro_batch_size = self.add_variable(
+                shape=(), dtype="int64", name="noise_micro_batch_size", aggregation="only_first_replica"
+            )
+        self._drawn = _tf.DrawnGraphs()
 
     @property
     def noise_state(self):
@@ -106,11 +124,19 @@ class NoiseMixin:
         """The per-example loss weights `m` of the next step (`E[m_i] = 1`).
 
         Calling it again before `apply_gradients` returns the same weights. With
-        `emulate_batch_size=b`, a batch smaller than `b` is an error when its size
-        is known while tracing; a smaller batch that only shows up at run time
-        (a partial last batch) gets `m = 1`: drawing fewer than `b` examples
-        already carries at least SGD(`b`)'s sampling noise. An empty batch is an
-        error (at run time without XLA; under XLA the train step reports loss NaN).
+        `emulate_batch_size=b`, an update of fewer than `b` examples is an error
+        when its size is known while tracing; a smaller update that only shows up
+        at run time (a partial last batch) gets `m = 1`: drawing fewer than `b`
+        examples already carries at least SGD(`b`)'s sampling noise. An empty
+        batch is an error (at run time without XLA; under XLA the train step
+        reports loss NaN).
+
+        Under gradient accumulation (`gradient_accumulation_steps=k`) the
+        weights are the micro-step's slice of one draw for the whole update of
+        `k` micro-batches (see the class docstring). A micro-batch whose size
+        differs from the first micro-batch of its update is an error (under
+        XLA: NaN weights, so the loss is NaN), since the update's draw was sized
+        for `k` equal micro-batches.
 
         Under a `tf.distribute` strategy with several replicas in sync
         (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), call it in replica
@@ -133,42 +159,92 @@ class NoiseMixin:
         Returns:
             A `[batch_size]` tensor.
         """
-        batch_size = _checked_batch_size(batch_size)
+        batch_size = _tf.checked_batch_size(batch_size)
         self._drawn.mark()
-        global_size, offset = _global_batch(batch_size, type(self).__name__)
-        weights = self._sample(global_size, dtype)
+        step_size, offset = _tf.global_batch(batch_size, type(self).__name__)
+        update, micro_step = self._update_position()
+        update_size, conditions = step_size, []
+        if self.gradient_accumulation_steps:
+            update_size = self.gradient_accumulation_steps * step_size
+            conditions = self._check_micro_batch(step_size, micro_step)
+            offset = micro_step * tf.cast(step_size, tf.int64) + (0 if offset is None else tf.cast(offset, tf.int64))
+        weights, schedule_conditions = self._sample(update, update_size, dtype)
+        weights = noise_lib.guarded(weights, conditions + schedule_conditions)
         if offset is None:
             return weights
-        return tf.slice(weights, tf.reshape(offset, [1]), tf.reshape(batch_size, [1]))
+        begin, size = tf.reshape(tf.cast(offset, tf.int64), [1]), tf.reshape(tf.cast(batch_size, tf.int64), [1])
+        return tf.slice(weights, begin, size)
 
-    def _sample(self, batch_size, dtype):
-        b, seed = self.emulate_batch_size, self._noise_state.value
+    def current_emulate_batch_size(self):
+        """The SGD batch size `b` the next update emulates (a schedule's current value), or `None`."""
+        update, _ = self._update_position()
+        b, _ = self._emulated_batch_size(update)
+        return b if b is None or isinstance(b, int) else int(b.numpy())
+
+    def _update_position(self):
+        """`(update, micro-step)`: the index of the update the next step belongs to, and its place in it."""
+        counter = self._noise_state.value[1]
+        k = self.gradient_accumulation_steps or 1
+        return counter // k, counter % k
+
+    def _check_micro_batch(self, step_size, micro_step):
+        """Records the first micro-batch's size; the run-time condition that this one has the same size."""
+        size = tf.cast(step_size, tf.int64)
+        expected = tf.where(micro_step == 0, size, self._micro_batch_size.value)
+        self._micro_batch_size.assign(expected)
+        k = self.gradient_accumulation_steps
+        message = [
+            f"With `gradient_accumulation_steps={k}` every micro-batch of an update must have the same size: the "
+            f"update's noise is drawn once for {k} x that many examples. Pass a `batch_size` that divides the "
+            "number of training examples, or batch a dataset with `drop_remainder=True`. Received: a micro-batch "
+            "of", size, "examples in an update whose first micro-batch had", expected,
+        ]
+        return [(tf.equal(size, expected), message)]
+
+    def _emulated_batch_size(self, update):
+        """`(b, run-time conditions)` at `update`: `None`, an int, or a schedule's rounded value (float64)."""
+        b = self.emulate_batch_size
+        if not isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
+            return b, []
+        value = tf.round(tf.cast(b(update), tf.float64))
+        message = ["Argument `emulate_batch_size` (a schedule) must give values >= 1. Received: emulate_batch_size=",
+                   value, "at update", update]
+        return value, [(value >= 1, message)]
+
+    def _sample(self, update, size, dtype):
+        """`(weights, run-time conditions)` of one update of `size` examples."""
+        seed = tf.stack([self._noise_state.value[0], tf.cast(update, tf.int64)])
+        b, conditions = self._emulated_batch_size(update)
         if b is None:
-            return self.noise.sample(seed, batch_size, dtype)
-        run_time_check = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", batch_size)
-        sampler = self.noise.calibrated(b, batch_size)
+            return self.noise.sample(seed, size, dtype), conditions
+        sampler = self.noise.calibrated(b, size)
+        run_time_check = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", size)
         if not run_time_check:
-            return sampler.sample(seed, batch_size, dtype)
+            return sampler.sample(seed, size, dtype), conditions
         (b_fits, _), = run_time_check
-        return tf.cond(
+        weights = tf.cond(
             b_fits,
-            lambda: sampler.sample(seed, batch_size, dtype),
-            lambda: tf.ones([batch_size], dtype),
+            lambda: sampler.sample(seed, size, dtype),
+            lambda: tf.ones([size], dtype),
         )
+        return weights, conditions
 
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
-        if not _drawn_in_enclosing_graph(self._drawn.pop()):
+        if not _tf.drawn_in_enclosing_graph(self._drawn.pop()):
             raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
         super().apply(grads, trainable_variables)
         self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
 
     def get_config(self):
         config = super().get_config()
+        b = self.emulate_batch_size
+        if isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
+            b = keras.optimizers.schedules.serialize(b)
         config.update(
             noise=noise_lib.serialize(self.noise),
-            emulate_batch_size=self.emulate_batch_size,
+            emulate_batch_size=b,
             seed=self.seed,
             engine=self.engine,
             chunk_size=self.chunk_size,
@@ -176,90 +252,24 @@ class NoiseMixin:
         return config
 
 
-def _checked_batch_size(batch_size):
-    """`batch_size`, refused if empty: now for a Python int, at run time (without XLA) for a tensor.
-
-    XLA drops the run-time assertion; `NoisyTrainStep` then reports the loss of
-    an empty batch as NaN, so `keras.callbacks.TerminateOnNaN` stops.
-    """
-    if not tf.is_tensor(batch_size):
-        noise_lib._check_int("batch_size", batch_size, 1)
-        return batch_size
-    message = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size=",
-               batch_size]
-    with tf.control_dependencies([tf.debugging.Assert(batch_size >= 1, message)]):
-        return tf.identity(batch_size)
-
-
-_EAGER = object()
-
-
-class _DrawnGraphs:
-    """The graph in which each thread last drew weights, until its `apply`.
-
-    Keyed by thread: `MirroredStrategy` runs (and traces) each replica's step
-    in a thread of its own, interleaved at every cross-replica call, so one
-    replica's `apply` must not see or clear another's mark.
-    """
-
-    def __init__(self):
-        self._graphs = {}
-
-    def mark(self):
-        self._graphs[threading.get_ident()] = _current_graph()
-
-    def pop(self):
-        return self._graphs.pop(threading.get_ident(), None)
-
-
-def _global_batch(batch_size, optimizer_name):
-    """`(global batch size, this replica's offset in it)`; `(batch_size, None)` on one replica.
-
-    The local sizes are all-gathered in replica order, the order in which
-    `tf.distribute` splits a global batch into the replicas' batches (and
-    `MultiWorkerMirroredStrategy` numbers the workers' replicas).
-    """
-    strategy = tf.distribute.get_strategy()
-    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
+def _validated_emulate_batch_size(b):
+    """`None`, an int >= 1 (NumPy ints too) or a `LearningRateSchedule` (also from its config)."""
+    if isinstance(b, dict):
+        b = keras.optimizers.schedules.deserialize(b)
+    if b is None or isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
+        return b
+    if not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 1:
         raise ValueError(
-            f"{optimizer_name} does not support `ParameterServerStrategy`: its workers step "
-            "asynchronously, so they cannot share "
-            "one noise draw per global batch. Use `MirroredStrategy` or "
-            f"`MultiWorkerMirroredStrategy`. Received: strategy={type(strategy).__name__}"
+            "Argument `emulate_batch_size` must be None, an integer >= 1 or a "
+            "`keras.optimizers.schedules.LearningRateSchedule` of the update step. "
+            f"Received: emulate_batch_size={b!r}"
         )
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return batch_size, None
-    local = tf.cast(batch_size, tf.int32)
-    sizes = context.all_gather(tf.reshape(local, [1]), axis=0)  # [replicas], in replica order
-    before = tf.range(context.num_replicas_in_sync) < tf.cast(context.replica_id_in_sync_group, tf.int32)
-    offset = tf.reduce_sum(tf.where(before, sizes, 0))
-    return tf.reduce_sum(sizes), offset
-
-
-def _current_graph():
-    return _EAGER if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
-
-
-def _drawn_in_enclosing_graph(drawn):
-    """Whether the weights were drawn in the current graph or one it is nested in (tf.cond)."""
-    if drawn is None:
-        return False
-    graph = _current_graph()
-    while graph is not None:
-        if graph is drawn:
-            return True
-        graph = getattr(graph, "outer_graph", None)
-    return False
+    return int(b)
 
 
 def _validated_noise(noise, emulate_batch_size):
     sampler = noise_lib.get(noise)
     b = emulate_batch_size
-    if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
-        raise ValueError(
-            f"Argument `emulate_batch_size` must be None or an integer >= 1. Received: emulate_batch_size={b!r}"
-        )
     template = getattr(sampler, "is_template", False)
     if b is None and template:
         raise ValueError(
@@ -272,8 +282,14 @@ def _validated_noise(noise, emulate_batch_size):
             f"Argument `emulate_batch_size` calibrates a noise template, but `noise` is already "
             f"configured: {sampler!r}. Pass one or the other. Received: emulate_batch_size={b}"
         )
-    if b is not None:
+    if isinstance(b, int):
         sampler.calibrated(b, b)  # raises now, not at the first step, if b cannot be emulated
+    elif b is not None and getattr(sampler, "replacement", False):
+        # Its b draws would be a tensor-sized array: no static shape for XLA.
+        raise ValueError(
+            "Argument `emulate_batch_size` can be a schedule for every noise class but SGD sampling with "
+            f"replacement, which needs a fixed b. Received: noise={sampler!r}, emulate_batch_size={b!r}"
+        )
     return sampler
 
 

@@ -236,7 +236,7 @@ BAD_OPTIMIZER_ARGS = [
     (dict(noise="bernoulli"), r"Received: emulate_batch_size=None"),
     (dict(noise="brownian", emulate_batch_size=2), r"Argument `noise` must be one of .*Received: noise='brownian'"),
     (dict(noise=1.0, emulate_batch_size=2), r"Argument `noise` must be a noise name.*Received: noise=1.0"),
-    (dict(emulate_batch_size=0), r"Argument `emulate_batch_size` must be None or an integer >= 1. Received: emulate_batch_size=0"),
+    (dict(emulate_batch_size=0), r"Argument `emulate_batch_size` must be None, an integer >= 1 or a `keras.optimizers.schedules.LearningRateSchedule` of the update step. Received: emulate_batch_size=0"),
     (dict(emulate_batch_size=2.0), r"Received: emulate_batch_size=2.0"),
     (dict(emulate_batch_size="32"), r"Received: emulate_batch_size='32'"),
     (dict(noise=noise.Gaussian(1.0), emulate_batch_size=4), r"`emulate_batch_size` calibrates a noise template, but `noise` is already configured"),
