@@ -91,7 +91,8 @@ class NoiseMonitor(keras.callbacks.Callback):
         every_n_steps: Measure when the optimizer's step count reaches a
             multiple of this (and once before training). Defaults to `100`.
         sgd_batch_size: The `b` of the SGD(`b`) reference covariance. `None`
-            uses the optimizer's `emulate_batch_size`. Defaults to `None`.
+            uses the optimizer's `emulate_batch_size` (a schedule's value at
+            each measurement). Defaults to `None`.
         loss: Loss for the per-example values; `None` uses the compiled loss.
             Defaults to `None`.
         chunk_size: Passed to `per_example_gradients`. Defaults to `None`.
@@ -137,10 +138,7 @@ class NoiseMonitor(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        self._noise, b = self._noise_configuration()
-        n = self.probe_size
-        self._noise_covariance = self._noise.covariance(n)
-        self._sgd_covariance = noise_lib.SGDSampling(b).covariance(n)
+        self._noise_configuration()  # bad settings fail here, before the first step
         self._gram = tf.function(self._gram_matrix, jit_compile=False)
         if self.log_dir is not None and self._writer is None:
             try:
@@ -167,10 +165,11 @@ class NoiseMonitor(keras.callbacks.Callback):
         optimizer = find_noisy_optimizer(self.model.optimizer)
         noise, b = noise_lib.NoNoise(), self.sgd_batch_size
         if optimizer is not None:
-            b = b if b is not None else optimizer.emulate_batch_size
+            emulated = optimizer.current_emulate_batch_size()  # a schedule's value at the current update
+            b = b if b is not None else emulated
             noise = optimizer.noise
-            if optimizer.emulate_batch_size is not None:
-                noise = noise.calibrated(optimizer.emulate_batch_size, self.probe_size)
+            if emulated is not None:
+                noise = noise.calibrated(emulated, self.probe_size)
         if b is None:
             raise ValueError(
                 "Argument `sgd_batch_size` is needed: the optimizer has no `emulate_batch_size` to compare "
@@ -195,8 +194,10 @@ class NoiseMonitor(keras.callbacks.Callback):
         self._next_step = (step // self.every_n_steps + 1) * self.every_n_steps
         x, y, *rest = self.probe_batch
         gram = self._gram(x, y, rest[0] if rest else None).numpy()
-        weights = self._noise.sample(np.array([self.seed, step]), self.probe_size, "float64").numpy()
-        values = noise_statistics(gram, weights, self._noise_covariance, self._sgd_covariance)
+        noise, b = self._noise_configuration()
+        n = self.probe_size
+        weights = noise.sample(np.array([self.seed, step]), n, "float64").numpy()
+        values = noise_statistics(gram, weights, noise.covariance(n), noise_lib.SGDSampling(b).covariance(n))
         self._latest = {f"noise/{k}": v for k, v in values.items()}
         self.history.append({"step": step, **values})
         if self._writer is not None:

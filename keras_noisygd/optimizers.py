@@ -32,6 +32,15 @@ _NO_NOISE_DRAWN = (
     "`apply_gradients`. Received: gradients for {count} variables, with no noise weights drawn for their step."
 )
 
+_NO_DISTRIBUTED_ACCUMULATION = (
+    "Argument `gradient_accumulation_steps` cannot be combined with a tf.distribute strategy of several "
+    "replicas: Keras applies accumulated gradients inside a `tf.cond`, which cannot hold the strategy's "
+    "cross-replica reduction (`merge_call`), so even a stock `keras.optimizers.SGD` fails there "
+    "(keras-team/keras#20582). Use a per-replica batch that fits and no accumulation under the strategy, "
+    "or accumulate on one device. Received: gradient_accumulation_steps={k} under "
+    "`tf.distribute` with several replicas"
+)
+
 
 class NoiseMixin:
     """Gives any Keras optimizer a multiplicative sampling noise.
@@ -165,9 +174,11 @@ class NoiseMixin:
         update, micro_step = self._update_position()
         update_size, conditions = step_size, []
         if self.gradient_accumulation_steps:
+            if offset is not None:
+                raise ValueError(_NO_DISTRIBUTED_ACCUMULATION.format(k=self.gradient_accumulation_steps))
             update_size = self.gradient_accumulation_steps * step_size
             conditions = self._check_micro_batch(step_size, micro_step)
-            offset = micro_step * tf.cast(step_size, tf.int64) + (0 if offset is None else tf.cast(offset, tf.int64))
+            offset = micro_step * tf.cast(step_size, tf.int64)
         weights, schedule_conditions = self._sample(update, update_size, dtype)
         weights = noise_lib.guarded(weights, conditions + schedule_conditions)
         if offset is None:

@@ -173,3 +173,40 @@ def test_noise_monitor_measures_per_update_and_leaves_training_alone(float64):
     for u, v in zip(models[0].get_weights(), models[1].get_weights()):
         np.testing.assert_array_equal(u, v)
     assert [h["step"] for h in monitor.history] == list(range(UPDATES + 1))  # before training, then per update
+
+
+def micro_batches(count, size=4, seed=3):
+    x, y = classification_data(count * size, seed=seed, dtype="float64")
+    return x, y
+
+
+@pytest.mark.parametrize("how", ["keras_file", "checkpoint"])
+def test_a_save_in_the_middle_of_an_update_continues_exactly(float64, tmp_path, how):
+    # 7 micro-batches with k = 3: saved after micro-step 4 (one micro-batch into update 2).
+    x, y = micro_batches(7)
+    split = 4 * 4
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = mlp(dtype="float64")
+        model.compile(kn.NoisyGD(0.2, momentum=0.5, seed=SEED, gradient_accumulation_steps=3, **NOISES["sgd"]), LOSS)
+        return model
+
+    straight = build()
+    straight.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    first = build()
+    first.fit(x[:split], y[:split], batch_size=4, epochs=1, shuffle=False, verbose=0)
+    if how == "keras_file":
+        first.save(tmp_path / "mid.keras")
+        resumed = keras.models.load_model(tmp_path / "mid.keras")
+    else:
+        path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(str(tmp_path / "ckpt"))
+        resumed = build()
+        resumed.optimizer.build(resumed.trainable_variables)
+        tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path).assert_consumed()
+    np.testing.assert_array_equal(resumed.optimizer.noise_state.numpy(), [SEED, 4])
+    resumed.fit(x[split:], y[split:], batch_size=4, epochs=1, shuffle=False, verbose=0)
+    for u, v in zip(resumed.get_weights(), straight.get_weights()):
+        np.testing.assert_array_equal(u, v)  # the same operations in the same order: bit for bit
+    for u, v in zip(resumed.optimizer.variables, straight.optimizer.variables):
+        np.testing.assert_array_equal(u.numpy(), v.numpy())  # accumulators and the micro-batch size too

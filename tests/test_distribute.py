@@ -87,6 +87,14 @@ def test_mirrored_fit_is_the_single_device_fit_of_the_global_batch(mirrored, noi
     np.testing.assert_allclose(mirrored[f"fit/{noise}/weights"], reference, rtol=0, atol=ATOL)
 
 
+def test_mirrored_accumulation_is_a_clear_error(mirrored):
+    # Keras's accumulation cannot run under a strategy at all (its tf.cond holds a merge_call; a stock
+    # keras.optimizers.SGD fails the same way, keras-team/keras#20582): say so instead of Cond's RuntimeError.
+    message = str(mirrored["accumulation_error"])
+    assert message.startswith("Argument `gradient_accumulation_steps` cannot be combined with a tf.distribute strategy")
+    assert "keras-team/keras#20582" in message and "Received: gradient_accumulation_steps=2" in message
+
+
 def test_mirrored_per_example_engine_is_the_single_device_fit(mirrored, float64):
     # engine="per_example" forms each replica's G for its slice; the 1/replicas share matches Keras's loss scaling.
     reference = flat(common.train("gaussian_centered", 4, N, BATCH, EPOCHS))

@@ -124,3 +124,27 @@ def test_per_example_engine_under_mixed_precision_trains_like_the_weighted_engin
     # of the update; 1e-2 is the bound used for float16 against float32 above. A first version formed the
     # rows without the 1/B and overflowed float16 (3 of 10 steps skipped), which the step count catches.
     assert relative_distance(runs["per_example"].get_weights(), runs["weighted"].get_weights(), moved) < 1e-2
+
+
+def test_micro_batches_under_mixed_precision_take_the_full_batch_steps(mixed_float16):
+    # gradient_accumulation_steps=4 on batches of 8: the LossScaleOptimizer's inner NoisyGD draws one update's
+    # weights for all 32 examples; each micro-step trains on its slice, as the full batch of 32 does.
+    keras.config.set_dtype_policy("float32")
+    init = mlp(dtype=None).get_weights()
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = classification_data(32)
+    runs = {}
+    for batch, accumulation in ((32, None), (8, 4)):
+        model = mlp(dtype=None)
+        model.set_weights(init)
+        optimizer = kn.NoisyGD(0.1, noise="sgd", emulate_batch_size=8, momentum=0.5, seed=7,
+                               gradient_accumulation_steps=accumulation)
+        # SGD(8) out of 32 weights examples by 4: Keras's initial scale 2**15 overflows the first float16 step.
+        model.compile(keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0**10), LOSS, jit_compile=False)
+        model.fit(x, y, batch_size=batch, epochs=STEPS, shuffle=False, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == STEPS  # no update skipped for overflow
+        runs[batch] = model.get_weights()
+    moved = [w - w0 for w, w0 in zip(runs[32], init)]
+    # float16 activations in differently ordered sums, as for the engines above: 1e-2 of the update.
+    # Per-micro-batch draws ("sgd" out of 8 with b = 8) would inject no noise at all: far more than 1e-2.
+    assert relative_distance(runs[8], runs[32], moved) < 1e-2

@@ -48,7 +48,7 @@ def initial_weights(features=5, hidden=7, classes=3, seed=1):
             rng.normal(size=(hidden, classes)) / 2, rng.normal(size=classes) / 10]
 
 
-def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted"):
+def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted", accumulation=None):
     """A compiled float64 `NoisyModel` (L2 regularizer, momentum) with fixed initial weights."""
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         inputs = keras.Input((5,))
@@ -56,7 +56,8 @@ def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted"):
         model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
         model.set_weights(initial_weights())
         optimizer = kn.NoisyGD(
-            0.2, noise=noise, emulate_batch_size=emulate_batch_size, momentum=0.5, seed=seed, engine=engine
+            0.2, noise=noise, emulate_batch_size=emulate_batch_size, momentum=0.5, seed=seed, engine=engine,
+            gradient_accumulation_steps=accumulation,
         )
         model.compile(optimizer, "sparse_categorical_crossentropy")
         optimizer.build(model.trainable_variables)
@@ -64,10 +65,11 @@ def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted"):
 
 
 def train(
-    noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, sample_weight=None, engine="weighted"
+    noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, sample_weight=None, engine="weighted",
+    accumulation=None,
 ):
-    """Fits in order (`shuffle=False`) and returns the model."""
-    model = build(noise, emulate_batch_size, seed, strategy, engine)
+    """Fits in order (`shuffle=False`) and returns the model; `accumulation` micro-batches per update."""
+    model = build(noise, emulate_batch_size, seed, strategy, engine, accumulation)
     x, y = data(n)
     model.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
     return model

@@ -63,4 +63,9 @@ if __name__ == "__main__":
     for sizes in ([4, 4], [2, 1]):
         results["draws/" + "+".join(map(str, sizes))] = np.concatenate(draws(optimizer, sizes))
     results["naive"] = np.stack(naive_draws(optimizer))
+    try:  # Keras cannot accumulate under a strategy (keras-team/keras#20582): a clear error, not Cond's RuntimeError
+        common.train("gaussian_centered", 4, N, BATCH // 2, EPOCHS, strategy=strategy, accumulation=2)
+        results["accumulation_error"] = np.array("no error")
+    except ValueError as error:
+        results["accumulation_error"] = np.array(str(error))
     np.savez(sys.argv[1], **results)
