@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import keras_noisygd as kn
 from keras_noisygd import per_example
+from keras_noisygd.experiments import architectures
 from keras_noisygd.layers import GhostBatchNormalization
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -327,3 +328,9 @@ def test_layer_is_exported():
     assert kn.layers.GhostBatchNormalization is GhostBatchNormalization and "layers" in kn.__all__
     assert kn.layers.__all__ == ["GhostBatchNormalization"]
 
+
+def test_experiment_models_use_the_layer_with_their_defaults():
+    model = architectures.build("cnn", (16,), 3, width=4, ghost_batch_size=8)
+    ghosts = [layer for layer in model.layers if isinstance(layer, GhostBatchNormalization)]
+    assert len(ghosts) == 2
+    assert all((g.ghost_batch_size, g.momentum, g.epsilon) == (8, 0.9, 1e-5) for g in ghosts)
