@@ -5,7 +5,7 @@ SGD's sampling noise by a freely chosen noise class with the same mean and
 covariance, applied as per-example loss weights.
 """
 
-from keras_noisygd import monitor, noise
+from keras_noisygd import layers, monitor, noise
 from keras_noisygd.monitor import NoiseMonitor
 from keras_noisygd.gradients import noisy_gradients
 from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, noisy
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "noise",
+    "layers",
     "NoisyGD",
     "NoisyAdam",
     "NoisyAdamW",

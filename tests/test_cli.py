@@ -7,9 +7,8 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from keras_noisygd.experiments import architectures, cli
+from keras_noisygd.experiments import cli
 
 TINY = ["--dataset", "digits", "--train-size", "64", "--steps", "20", "--eval-every", "10", "--seeds", "2", "-b", "8", "--no-xla"]
 
@@ -83,30 +82,6 @@ def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["benchmark"])
     assert exit_info.value.code == 2
-
-
-def test_ghost_batch_normalization_matches_numpy_per_ghost_batch():
-    rng = np.random.default_rng(1)
-    x = rng.normal(2.0, 3.0, size=(12, 5, 4)).astype("float32")
-    layer = architectures.GhostBatchNormalization(4, momentum=0.5, epsilon=1e-3)
-    got = layer(x, training=True).numpy()
-    ghosts = x.reshape(3, 4, 5, 4)
-    mean, var = ghosts.mean(axis=(1, 2), keepdims=True), ghosts.var(axis=(1, 2), keepdims=True)
-    expected = ((ghosts - mean) / np.sqrt(var + 1e-3)).reshape(x.shape)
-    # float32 moments of 20 values per channel: ~1e-6 relative.
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * mean.mean(0).ravel(), rtol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5 + 0.5 * var.mean(0).ravel(), rtol=1e-5)
-    inference = layer(x, training=False).numpy()
-    np.testing.assert_allclose(inference, (x - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + 1e-3), rtol=1e-4, atol=1e-5)
-
-
-def test_ghost_batch_normalization_rejects_a_ragged_batch():
-    layer = architectures.GhostBatchNormalization(4)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of ghost_batch_size=4"):
-        layer(np.zeros((6, 3), "float32"), training=True)
-    with pytest.raises(ValueError, match="Argument `ghost_batch_size` must be an integer >= 1. Received: ghost_batch_size=0"):
-        architectures.GhostBatchNormalization(0)
 
 
 def test_keras_datasets_loader_on_small_arrays(monkeypatch):

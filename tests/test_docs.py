@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 import keras_noisygd as kn
-from keras_noisygd import noise
+from keras_noisygd import layers, noise
 
 API = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
 PUBLIC = [("keras_noisygd", name, getattr(kn, name)) for name in kn.__all__] + [
     ("keras_noisygd.noise", name, getattr(noise, name)) for name in noise.__all__
-]
+] + [("keras_noisygd.layers", name, getattr(layers, name)) for name in layers.__all__]
 
 
 @pytest.mark.parametrize("module, name, obj", PUBLIC, ids=[f"{m}.{n}" for m, n, _ in PUBLIC])
