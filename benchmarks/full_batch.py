@@ -105,7 +105,7 @@ def compiled(kind, n, c, ghost, b, jit_compile):
 
 
 def one_update(model, data, k):
-    model.fit(data, steps_per_epoch=k, epochs=1, verbose=0)
+    model.fit(data, steps_per_epoch=k, epochs=1, verbose=0, shuffle=False)
 
 
 def check_sizes(n, c, ghost, b):

@@ -228,8 +228,9 @@ class NoiseMixin:
         b, conditions = self._emulated_batch_size(update)
         if b is None:
             return self.noise.sample(seed, size, dtype), conditions
-        sampler = self.noise.calibrated(b, size)
+        # Checked before calibrating, so that a static b > B names the user's argument.
         run_time_check = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", size)
+        sampler = self.noise.calibrated(b, size)
         if not run_time_check:
             return sampler.sample(seed, size, dtype), conditions
         (b_fits, _), = run_time_check
