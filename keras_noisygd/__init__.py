@@ -5,12 +5,16 @@ SGD's sampling noise by a freely chosen noise class with the same mean and
 covariance, applied as per-example loss weights.
 """
 
-from keras_noisygd import layers, monitor, noise
-from keras_noisygd.monitor import NoiseMonitor
-from keras_noisygd.gradients import noisy_gradients
-from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, noisy
-from keras_noisygd.per_example import per_example_gradients
-from keras_noisygd.optimizers import NoiseMixin, NoisyAdam, NoisyAdamW, NoisyGD, find_noisy_optimizer
+from keras_noisygd import _launch
+
+_launch.quiet_start()  # only when this process is the `keras-noisygd` command line
+
+from keras_noisygd import layers, monitor, noise  # noqa: E402
+from keras_noisygd.monitor import NoiseMonitor  # noqa: E402
+from keras_noisygd.gradients import noisy_gradients  # noqa: E402
+from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, noisy  # noqa: E402
+from keras_noisygd.per_example import per_example_gradients  # noqa: E402
+from keras_noisygd.optimizers import NoiseMixin, NoisyAdam, NoisyAdamW, NoisyGD, find_noisy_optimizer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,14 +1,20 @@
 """The comparison CLI: smoke runs of both commands, their files, and bad inputs."""
 
 import csv
-import re
+import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from keras_noisygd.experiments import cli
+from keras_noisygd import _launch
+from keras_noisygd.experiments import cli, data, runner
 
 TINY = ["--dataset", "digits", "--train-size", "64", "--steps", "20", "--eval-every", "10", "--seeds", "2", "-b", "8", "--no-xla"]
 
@@ -96,9 +102,136 @@ def test_keras_datasets_loader_on_small_arrays(monkeypatch):
     assert dataset.y_test.shape == (2,) and dataset.num_classes == 3
 
 
-def test_python_dash_m_entry_point():
-    import subprocess
-    import sys
+def _trained_weights(method, config, dataset, seed=0):
+    model, curve = runner.fit(dataset, method, config, seed)
+    # Trainable weights only: batch norm's moving statistics (inference only) move once per forward
+    # pass, so k times per update in micro-batches (docs/scale.md).
+    return [w.numpy() for w in model.trainable_weights], curve.points
 
-    result = subprocess.run([sys.executable, "-m", "keras_noisygd", "--help"], capture_output=True, text=True, timeout=120)
+
+@pytest.mark.parametrize(
+    "method, ghost",
+    [
+        (runner.Method("GD+sgd", 64, "sgd", 8), None),  # full-batch noisy GD: 4 micro-batches of 16
+        (runner.Method("GD+gaussian_centered", 64, "gaussian_centered", 8), None),
+        (runner.Method("SGD(B=32)", 32), 8),  # shuffled large batches of stock SGD, ghost batch norm
+        (runner.Method("SGD(B)+bernoulli", 32, "bernoulli", 8), 8),
+    ],
+    ids=lambda value: getattr(value, "label", str(value)),
+)
+def test_micro_batches_train_the_same_updates_as_whole_batches(method, ghost):
+    dataset = data.load("digits").subset(64)
+    config = runner.Config("mlp", steps=6, lr=0.2, momentum=0.9, ghost_batch_size=ghost, eval_every=3,
+                           width=16, jit_compile=False)
+    whole, whole_curve = _trained_weights(method, config, dataset)
+    split, split_curve = _trained_weights(method, dataclasses.replace(config, micro_batch_size=16), dataset)
+    # float32: the accumulated mean of 2-4 micro-batch gradients differs from the whole batch's by rounding
+    # (~1e-7 relative per step); after 6 momentum steps that stays far below 1e-4, while one different noise
+    # draw, data order or batch-norm grouping would move the weights by ~1e-2.
+    for a, b in zip(whole, split):
+        np.testing.assert_allclose(b, a, atol=1e-4)
+    assert [u for u, _ in split_curve] == [u for u, _ in whole_curve] == [3, 6]  # the curve counts updates
+    if ghost is None:  # with batch norm the test accuracy also depends on the moving statistics
+        assert [acc for _, acc in split_curve] == pytest.approx([acc for _, acc in whole_curve], abs=0.02)
+
+
+def test_compare_with_micro_batches_records_them(tmp_path, capsys):
+    args = ["compare", *TINY, "--noise", "gaussian", "--micro-batch-size", "16", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "digits, n=64: GD vs SGD(b=8) vs noisy GD, micro-batches of 16" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["config"]["micro_batch_size"] == 16
+    for run in results["runs"]:
+        assert [step for step, _ in run["curve"]] == [10, 20] and run["steps"] == 20
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--micro-batch-size", "24"], r"Argument `micro_batch_size` must divide the batch of every method "
+         r"it splits: GD trains on batches of 64. Pass a divisor of 64 \(the largest below 24 is 16\) or at least 64. "
+         r"Received: micro_batch_size=24"),
+        (["compare", "--micro-batch-size", "0"], r"Argument `micro_batch_size` must be an integer >= 1. Received: micro_batch_size=0"),
+        (["compare", "--steps", "25"], r"Argument `eval_every` must divide `steps`. Received: eval_every=10, steps=25"),
+    ],
+)
+def test_bad_micro_batch_sizes_give_one_clear_line(args, message, capsys):
+    assert cli.main([*args[:1], *TINY, *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+# A TensorFlow C++ log line ("I0000 00:00:... cudart_stub.cc:31] ...") or absl's pre-init warning.
+CPP_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:|absl::InitializeLog|cpu_feature_guard|rebuild TensorFlow", re.M)
+
+
+def test_python_dash_m_prints_the_table_and_no_tensorflow_log_lines(tmp_path):
+    # XLA on (the default), so its service.cc / device_compiler.h lines would show if the log level were not set.
+    args = ["compare", *TINY[:-1], "--seeds", "1", "--noise", "sgd", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "keras_noisygd", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "GD+sgd" in result.stdout
+    assert not CPP_LOG_LINE.search(result.stdout + result.stderr), result.stderr
+
+
+def test_console_script_prints_no_tensorflow_log_lines():
+    script = Path(sys.executable).with_name("keras-noisygd")
+    assert script.exists(), "tasks.py installs the package (and its console script) into the environment"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "compare" in result.stdout and "large-batch" in result.stdout
+    assert not CPP_LOG_LINE.search(result.stdout + result.stderr), result.stderr
+
+
+def test_a_library_import_keeps_tensorflow_s_own_logging():
+    # Only the command line is quieted: `import keras_noisygd` in a user's program leaves the log level
+    # where `import tensorflow` alone leaves it (TensorFlow sets its own default).
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    levels = []
+    for module in ("tensorflow", "keras_noisygd"):
+        code = f"import os, {module}; print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr
+        levels.append(result.stdout.strip())
+    assert levels[1] == levels[0] != "3"
+
+
+@pytest.mark.parametrize(
+    "orig_argv, argv0, expected",
+    [
+        (["python", "-m", "keras_noisygd", "compare"], "-m", True),
+        (["python", "-X", "dev", "-m", "keras_noisygd.experiments.cli"], "-m", True),
+        (["/venv/bin/python", "/venv/bin/keras-noisygd", "compare"], "/venv/bin/keras-noisygd", True),
+        (["python", "-m", "pytest", "tests"], "/venv/bin/pytest", False),
+        (["python", "-m", "keras_noisygd_extra"], "-m", False),
+        (["python", "train.py"], "train.py", False),
+        (["python", "-c", "import keras_noisygd"], "-c", False),
+    ],
+)
+def test_which_processes_count_as_the_command_line(orig_argv, argv0, expected):
+    assert _launch.launched_as_command(orig_argv, argv0) is expected
+
+
+def test_quiet_start_drops_only_the_start_up_lines(tmp_path):
+    # A stand-in `tensorflow` that writes to file descriptor 2 like the native libraries do, imported
+    # by `_launch.quiet_start()` in a process whose script is named like the console script.
+    fake = tmp_path / "fake" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "os.write(2, b'I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your machine.\\n')\n"
+        "os.write(2, b'something that matters\\n')\n"
+    )
+    script = tmp_path / "keras-noisygd"
+    script.write_text(
+        "import importlib.util, os, sys\n"
+        f"spec = importlib.util.spec_from_file_location('_launch', {_launch.__file__!r})\n"
+        "launch = importlib.util.module_from_spec(spec); spec.loader.exec_module(launch)\n"
+        "launch.quiet_start()\n"
+        "print('level', os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules, file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(fake.parent)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "something that matters\nlevel 3 True\n"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from keras_noisygd import noise as noise_lib
@@ -47,7 +46,12 @@ def parser():
         sub.add_argument("--batch-size", "-b", type=int, default=preset["batch_size"], help="the SGD batch b to emulate (default %(default)s)")
         sub.add_argument("--noise", nargs="+", default=NOISES, help=f"noise classes (default: all of {NOISES})")
         sub.add_argument("--seeds", type=int, default=preset["seeds"], help="seeds 0..N-1 (default %(default)s)")
-        sub.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations (default %(default)s)")
+        sub.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations; must divide --steps (default %(default)s)")
+        sub.add_argument(
+            "--micro-batch-size", "-c", type=int,
+            help="train every batch larger than this in micro-batches of it (gradient accumulation: one update "
+                 "still sees the whole batch); must divide each batch it splits (default: no micro-batches)",
+        )
         sub.add_argument("--out", default=f"runs/{name}", help="output folder (default %(default)s)")
         sub.add_argument("--no-xla", action="store_true", help="train without jit_compile (XLA is on by default)")
     large.add_argument("--large-batch-size", "-B", type=int, default=PRESETS["large-batch"]["large_batch_size"], help="B (default %(default)s)")
@@ -57,7 +61,6 @@ def parser():
 
 
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = parser().parse_args(argv)
     try:
         dataset, methods, config, title = prepare(args)
@@ -77,18 +80,26 @@ def prepare(args):
         methods = runner.compare_methods(n, args.batch_size, args.noise)
         config = runner.Config(
             args.model, args.steps, args.lr, args.momentum, eval_every=args.eval_every, width=args.width,
-            jit_compile=not args.no_xla,
+            jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size,
         )
         title = f"{dataset.name}, n={n}: GD vs SGD(b={args.batch_size}) vs noisy GD"
     else:
         methods = runner.large_batch_methods(n, args.batch_size, args.large_batch_size, args.noise)
         config = runner.Config(
             args.model, args.steps, args.lr, args.momentum, args.weight_decay, args.ghost_batch_size,
-            args.eval_every, args.width, jit_compile=not args.no_xla,
+            args.eval_every, args.width, jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size,
         )
         title = f"{dataset.name}, n={n}: SGD(b={args.batch_size}) vs SGD(B={args.large_batch_size}) (+ noise)"
     if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
         raise ValueError(f"Arguments `seeds`, `steps` and `eval_every` must be >= 1. Received: {args.seeds}, {args.steps}, {args.eval_every}")
+    if args.steps % args.eval_every:
+        # Keras runs `steps_per_execution` steps at a time: a partial last chunk would train past `steps`.
+        raise ValueError(
+            f"Argument `eval_every` must divide `steps`. Received: eval_every={args.eval_every}, steps={args.steps}"
+        )
+    runner.check_micro_batch_size(args.micro_batch_size, methods)
+    if args.micro_batch_size is not None:
+        title += f", micro-batches of {args.micro_batch_size}"
     return dataset, methods, config, title
 
 

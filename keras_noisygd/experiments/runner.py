@@ -38,6 +38,7 @@ class Config:
     eval_every: int = 100
     width: Optional[int] = None  # the model's default (architectures.DEFAULT_WIDTH)
     jit_compile: bool = True  # Keras's "auto" turns XLA off on CPU; it is ~30% faster here
+    micro_batch_size: Optional[int] = None  # larger batches are trained in micro-batches of this size
 
 
 def compare_methods(n, b, noises):
@@ -57,6 +58,29 @@ def large_batch_methods(n, b, B, noises):
     ]
 
 
+def accumulation_steps(batch_size, micro_batch_size):
+    """Micro-batches per update of a `batch_size` batch: `batch_size // micro_batch_size`, or `None` if not split."""
+    if micro_batch_size is None or batch_size <= micro_batch_size:
+        return None
+    return batch_size // micro_batch_size
+
+
+def check_micro_batch_size(micro_batch_size, methods):
+    """Raises ValueError unless `micro_batch_size` is >= 1 and divides every batch it splits."""
+    c = micro_batch_size
+    if c is not None and (not isinstance(c, int) or c < 1):
+        raise ValueError(f"Argument `micro_batch_size` must be an integer >= 1. Received: micro_batch_size={c!r}")
+    for method in methods:
+        batch = method.batch_size
+        if accumulation_steps(batch, c) and batch % c:
+            divisor = max(d for d in range(1, c + 1) if batch % d == 0)
+            raise ValueError(
+                f"Argument `micro_batch_size` must divide the batch of every method it splits: {method.label} "
+                f"trains on batches of {batch}. Pass a divisor of {batch} (the largest below {c} is {divisor}) "
+                f"or at least {batch}. Received: micro_batch_size={c}"
+            )
+
+
 def _check_batch(value, limit, name, limit_name):
     if not 1 <= value <= limit:
         raise ValueError(f"Argument `{name}` must be in [1, {limit_name}={limit}]. Received: {name}={value}")
@@ -71,53 +95,79 @@ def _checked_noises(noises):
     return noises
 
 
-def train(dataset, method, config, seed):
-    """Trains `method` from the initialisation of `seed`; returns a result dict with the test curve."""
+def fit(dataset, method, config, seed):
+    """Trains `method` for `config.steps` updates from the initialisation of `seed`.
+
+    A batch larger than `config.micro_batch_size` is trained in micro-batches of
+    that size with Keras's `gradient_accumulation_steps`, so each update still
+    sees the whole batch (and `NoisyGD` draws one noise vector for it).
+
+    Returns:
+        `(model, curve)`: the trained model and its `TestCurve`.
+    """
     keras.utils.set_random_seed(seed)  # same initialisation for every method of a seed
     model = architectures.build(
         config.model, dataset.x_train.shape[1:], dataset.num_classes, config.width, config.ghost_batch_size
     )
-    kwargs = dict(momentum=config.momentum, weight_decay=config.weight_decay or None)
+    k = accumulation_steps(method.batch_size, config.micro_batch_size)
+    kwargs = dict(momentum=config.momentum, weight_decay=config.weight_decay or None, gradient_accumulation_steps=k)
     if method.noise is None:
         optimizer = keras.optimizers.SGD(config.lr, **kwargs)
     else:
         optimizer = NoisyGD(config.lr, noise=method.noise, emulate_batch_size=method.emulate_batch_size, seed=seed, **kwargs)
+    micro_steps = k or 1  # Keras's fit counts micro-steps; `steps` and `eval_every` count updates
     model.compile(
         optimizer,
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        steps_per_execution=config.eval_every,  # Python (and the test curve) once per chunk
+        steps_per_execution=config.eval_every * micro_steps,  # Python (and the test curve) once per chunk
         jit_compile=config.jit_compile,
     )
     n = len(dataset.x_train)
     data = tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
     if method.batch_size < n:
         data = data.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    data = data.repeat().batch(method.batch_size, drop_remainder=True).prefetch(2)
+    # k consecutive micro-batches of the repeated stream are exactly one batch of the unsplit stream.
+    data = data.repeat().batch(method.batch_size // micro_steps, drop_remainder=True).prefetch(2)
 
     curve = TestCurve(dataset.x_test, dataset.y_test)
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=config.steps, epochs=1, verbose=0, shuffle=False, callbacks=[curve])
-    seconds = time.perf_counter() - start - curve.seconds
+    model.fit(data, steps_per_epoch=config.steps * micro_steps, epochs=1, verbose=0, shuffle=False, callbacks=[curve])
+    return model, curve
+
+
+def train(dataset, method, config, seed):
+    """Trains `method` from the initialisation of `seed`; returns a result dict with the test curve."""
+    model, curve = fit(dataset, method, config, seed)
     train_acc = accuracy(model, dataset.x_train, dataset.y_train)
     test_acc = accuracy(model, dataset.x_test, dataset.y_test)
     return dict(
         method=method.label, seed=seed, train_acc=train_acc, test_acc=test_acc,
-        gap=train_acc - test_acc, steps=config.steps, seconds=seconds, curve=curve.points,
+        gap=train_acc - test_acc, steps=config.steps, seconds=curve.train_seconds, curve=curve.points,
     )
 
 
 class TestCurve(keras.callbacks.Callback):
-    """Test accuracy after every execution chunk (`steps_per_execution` steps); its own time is excluded."""
+    """Test accuracy after every execution chunk, against the update count; its own time is excluded.
+
+    `points` are `(updates, test accuracy)`: the optimizer's `iterations`, which
+    counts updates, not the micro-steps of gradient accumulation. `train_seconds`
+    is the wall time of `fit` without the evaluations.
+    """
 
     def __init__(self, x, y):
         super().__init__()
-        self.x, self.y, self.points, self.seconds = x, y, [], 0.0
+        self.x, self.y, self.points, self.seconds, self.train_seconds = x, y, [], 0.0, 0.0
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         start = time.perf_counter()
-        self.points.append((batch + 1, accuracy(self.model, self.x, self.y)))
+        self.points.append((int(self.model.optimizer.iterations.numpy()), accuracy(self.model, self.x, self.y)))
         self.seconds += time.perf_counter() - start
+
+    def on_train_end(self, logs=None):
+        self.train_seconds = time.perf_counter() - self._start - self.seconds
 
 
 def accuracy(model, x, y, batch_size=2048):
