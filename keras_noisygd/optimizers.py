@@ -183,8 +183,10 @@ class NoiseMixin:
         weights = noise_lib.guarded(weights, conditions + schedule_conditions)
         if offset is None:
             return weights
-        begin, size = tf.reshape(tf.cast(offset, tf.int64), [1]), tf.reshape(tf.cast(batch_size, tf.int64), [1])
-        return tf.slice(weights, begin, size)
+        # A gather, not `tf.slice`: XLA needs a slice's `begin` at compile time, so an offset read from
+        # the noise-state variable would recompile the step at every new update (and did: 2.5 s a step).
+        indices = tf.cast(offset, tf.int64) + tf.range(tf.cast(batch_size, tf.int64))
+        return tf.gather(weights, indices)
 
     def current_emulate_batch_size(self):
         """The SGD batch size `b` the next update emulates (a schedule's current value), or `None`."""

@@ -210,3 +210,30 @@ def test_a_save_in_the_middle_of_an_update_continues_exactly(float64, tmp_path, 
         np.testing.assert_array_equal(u, v)  # the same operations in the same order: bit for bit
     for u, v in zip(resumed.optimizer.variables, straight.optimizer.variables):
         np.testing.assert_array_equal(u.numpy(), v.numpy())  # accumulators and the micro-batch size too
+
+
+XLA_COMPILE_COUNT = """
+import keras, numpy as np
+import keras_noisygd as kn
+x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32"); y = np.arange(16) % 3
+model = kn.NoisySequential([keras.Input((4,)), keras.layers.Dense(3)])
+model.compile(kn.NoisyGD(0.1, noise="sgd", emulate_batch_size=2, gradient_accumulation_steps=2),
+              "sparse_categorical_crossentropy", jit_compile=True)
+model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)  # 12 micro-steps, 6 updates
+"""
+
+
+def test_xla_compiles_the_accumulated_step_once():
+    # The micro-step's offset into the update's draw comes from the noise-state variable. An op that needs
+    # it at compile time (tf.slice's `begin`) made XLA recompile the step at every update (2.5 s a step on
+    # the CLI's CNN); TensorFlow logs each compilation at VLOG 1 of device_compiler.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="device_compiler=1")
+    result = subprocess.run([sys.executable, "-c", XLA_COMPILE_COUNT], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    compilations = result.stderr.count("Compilation of XLA executable")
+    assert 1 <= compilations <= 2, result.stderr[-2000:]  # the step (and at most one more shape), not 12
