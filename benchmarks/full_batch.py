@@ -11,8 +11,8 @@ k = n / c micro-batches, through Keras's own `gradient_accumulation_steps=k`:
 
 Printed:
 
-1. time of one update, noisy / stock, on the same data (both models in one process, alternating,
-   median of the per-round ratios and their range);
+1. time of one update, noisy / stock, on the same data (both models in one process, alternating rounds,
+   each round a few updates timed inside one `fit`; median of the per-round ratios and their range);
 2. peak resident memory (Linux `ru_maxrss` of a fresh process) of one noisy update at two values of n:
    it must grow with the micro-batch c, not with n;
 3. for contrast, the peak of `fit(batch_size=n)` (the whole set in one forward and backward pass).
@@ -22,7 +22,7 @@ array of n examples ever exists; `--data file.npz` (arrays `x_train`, `y_train`)
 (then held in memory, which adds its size to the peak).
 
     python benchmarks/full_batch.py                      # everything (~15 min on a 2-core CPU)
-    python benchmarks/full_batch.py --part time --n 5000 --rounds 3
+    python benchmarks/full_batch.py --part time --n 5000 --rounds 5 [--xla]
     python benchmarks/full_batch.py --part memory --memory-n 2500 50000
 """
 
@@ -113,6 +113,30 @@ def check_sizes(n, c, ghost, b):
         raise SystemExit(f"need c | n, ghost | c and 1 <= b <= n. Received: n={n}, c={c}, ghost={ghost}, b={b}")
 
 
+class _UpdateClock(keras.callbacks.Callback):
+    """Records the time at the end of every k-th micro-step, i.e. of every update."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.ends = k, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.k == 0:
+            self.ends.append(time.perf_counter())
+
+
+def timed_updates(model, data, k, updates):
+    """Seconds of each of `updates` updates inside one `fit`, after one untimed update.
+
+    Timing inside a single `fit` (update end to update end) leaves out `fit`'s own start and end: on this
+    machine the end of a `fit` on a `tf.data` pipeline sometimes waits up to ~1.8 s (a whole `fit` call
+    then took 5.12 s or 3.33 s for the same 10 micro-steps), which would swamp a 5% difference.
+    """
+    clock = _UpdateClock(k)
+    model.fit(data, steps_per_epoch=k * (updates + 1), epochs=1, verbose=0, shuffle=False, callbacks=[clock])
+    return [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+
+
 def time_part(args):
     """Noisy / stock time of one full-batch update, alternating models, median of per-round ratios."""
     n, c = args.n, args.micro_batch
@@ -125,15 +149,16 @@ def time_part(args):
     for round_ in range(args.rounds):
         order = list(models) if round_ % 2 == 0 else list(reversed(list(models)))
         for kind in order:
-            start = time.perf_counter()
-            one_update(models[kind], data, k)
-            times[kind].append(time.perf_counter() - start)
+            times[kind].append(statistics.mean(timed_updates(models[kind], data, k, args.updates_per_round)))
     ratios = [a / b for a, b in zip(times["noisy"], times["stock"])]
     print(f"\n1. One full-batch update: n={n} in {k} micro-batches of c={c} (ghost batches of {args.ghost}), "
-          f"XLA {'on' if args.xla else 'off'}, {args.rounds} rounds")
+          f"XLA {'on' if args.xla else 'off'}, {args.rounds} rounds of {args.updates_per_round} timed updates "
+          f"per model")
     print(f"   stock keras.Model + SGD(gradient_accumulation_steps={k}): median {statistics.median(times['stock']):.2f} s")
     print(f"   NoisyModel + NoisyGD (one draw of {n} weights per update): median {statistics.median(times['noisy']):.2f} s")
     print(f"   ratio noisy/stock: median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
+    print("   per round (s/update): " + "  ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(times["noisy"], times["stock"]))
+          + "  (noisy/stock)")
 
 
 def peak_of(n, c, args, full_batch=False):
@@ -184,7 +209,8 @@ def main(argv=None):
     parser.add_argument("--micro-batch", type=int, default=250, help="c (default %(default)s)")
     parser.add_argument("--ghost", type=int, default=50, help="ghost batch size (default %(default)s)")
     parser.add_argument("--b", type=int, default=128, help="emulated SGD batch (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed updates per model (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per model, alternating (default %(default)s)")
+    parser.add_argument("--updates-per-round", type=int, default=2, help="timed updates per round (default %(default)s)")
     parser.add_argument("--memory-n", type=int, nargs="+", default=[5000, 50000], help="n for the peak (default %(default)s)")
     parser.add_argument("--full-batch-n", type=int, nargs="*", default=[1000, 2000], help="n for fit(batch_size=n)")
     parser.add_argument("--data", help="a .npz with x_train (uint8 images) and y_train, instead of synthetic data")
