@@ -35,8 +35,35 @@ def test_compare_writes_a_table_csv_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "summary.md").read_text()
     acc = {r["method"]: r["test_acc"] for r in results["summary"]}
-    share = 100 * (acc["GD+bernoulli"] - acc["GD"]) / (acc["SGD(b=8)"] - acc["GD"])
-    assert f"| GD+bernoulli | {acc['GD+bernoulli']:.4f}" in summary and f"| {share:.0f}% |" in summary
+    assert f"| GD+bernoulli | {acc['GD+bernoulli']:.4f}" in summary
+    std = {r["method"]: r["test_acc_std"] for r in results["summary"]}
+    if abs(acc["SGD(b=8)"] - acc["GD"]) > max(std["GD"], std["SGD(b=8)"]):
+        share = 100 * (acc["GD+bernoulli"] - acc["GD"]) / (acc["SGD(b=8)"] - acc["GD"])
+        assert f"| {share:.0f}% |" in summary
+    else:
+        assert "| no gap |" in summary
+
+
+def summary_row(method, test_acc, test_acc_std):
+    return dict(method=method, test_acc=test_acc, test_acc_std=test_acc_std, train_acc=1.0, gap=1.0 - test_acc, seconds=1.0)
+
+
+@pytest.mark.parametrize(
+    "gd, sgd, gd_std, sgd_std, expected",
+    [
+        (0.5, 0.7, 0.01, 0.005, "| 50% |"),   # gap 0.2, the noisy run (0.6) closes half
+        (0.5, 0.53, 0.01, 0.01, "| 333% |"),  # a small gap, but above both spreads: the share is printed
+        (0.5, 0.505, 0.01, 0.002, "| no gap |"),  # gap 0.005 within GD's seed std
+        (0.5, 0.505, 0.002, 0.01, "| no gap |"),  # ... or within SGD's
+    ],
+)
+def test_share_of_the_gap_needs_a_gap_beyond_the_seed_spread(gd, sgd, gd_std, sgd_std, expected):
+    from keras_noisygd.experiments import report
+
+    summary = [summary_row("GD", gd, gd_std), summary_row("SGD", sgd, sgd_std), summary_row("GD+x", 0.6, 0.0)]
+    lines = report.markdown(summary, "GD", "SGD").splitlines()
+    assert lines[-1].endswith(expected), lines[-1]
+    assert lines[2].endswith("|  |") and lines[3].endswith("|  |")  # no share for the two ends themselves
 
 
 def test_large_batch_with_ghost_batch_norm_and_momentum(tmp_path, capsys):

@@ -40,12 +40,23 @@ def table(summary):
 
 
 def markdown(summary, baseline, target):
-    """A Markdown table with the share of the `baseline` -> `target` test-accuracy gap each other method closes."""
-    acc = {r["method"]: r["test_acc"] for r in summary}
-    gap = acc[target] - acc[baseline]
+    """A Markdown table with the share of the `baseline` -> `target` test-accuracy gap each other method closes.
+
+    The share is left out ("no gap") when the gap is not larger than the seed
+    standard deviation of either end: a share of a gap within the seed spread
+    is a ratio of noise (e.g. -117% and 217% for a gap of 0.1 points).
+    """
+    rows = {r["method"]: r for r in summary}
+    gap = rows[target]["test_acc"] - rows[baseline]["test_acc"]
+    no_gap = abs(gap) <= max(rows[baseline]["test_acc_std"], rows[target]["test_acc_std"])
     lines = ["| method | test acc | train acc | gap | s/run | share of the gap closed |", "|---|---|---|---|---|---|"]
     for r in summary:
-        share = "" if r["method"] in (baseline, target) or gap == 0 else f"{100 * (r['test_acc'] - acc[baseline]) / gap:.0f}%"
+        if r["method"] in (baseline, target):
+            share = ""
+        elif no_gap:
+            share = "no gap"
+        else:
+            share = f"{100 * (r['test_acc'] - rows[baseline]['test_acc']) / gap:.0f}%"
         lines.append(
             f"| {r['method']} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | {r['train_acc']:.4f} | "
             f"{r['gap']:.4f} | {r['seconds']:.1f} | {share} |"
