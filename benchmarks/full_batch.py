@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
+from _timing import seconds_per_step  # noqa: E402  (benchmarks/ is the script's folder)
 
 CLASSES, SHAPE = 10, (32, 32, 3)
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -113,30 +114,6 @@ def check_sizes(n, c, ghost, b):
         raise SystemExit(f"need c | n, ghost | c and 1 <= b <= n. Received: n={n}, c={c}, ghost={ghost}, b={b}")
 
 
-class _UpdateClock(keras.callbacks.Callback):
-    """Records the time at the end of every k-th micro-step, i.e. of every update."""
-
-    def __init__(self, k):
-        super().__init__()
-        self.k, self.ends = k, []
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (batch + 1) % self.k == 0:
-            self.ends.append(time.perf_counter())
-
-
-def timed_updates(model, data, k, updates):
-    """Seconds of each of `updates` updates inside one `fit`, after one untimed update.
-
-    Timing inside a single `fit` (update end to update end) leaves out `fit`'s own start and end: on this
-    machine the end of a `fit` on a `tf.data` pipeline sometimes waits up to ~1.8 s (a whole `fit` call
-    then took 5.12 s or 3.33 s for the same 10 micro-steps), which would swamp a 5% difference.
-    """
-    clock = _UpdateClock(k)
-    model.fit(data, steps_per_epoch=k * (updates + 1), epochs=1, verbose=0, shuffle=False, callbacks=[clock])
-    return [b - a for a, b in zip(clock.ends, clock.ends[1:])]
-
-
 def time_part(args):
     """Noisy / stock time of one full-batch update, alternating models, median of per-round ratios."""
     n, c = args.n, args.micro_batch
@@ -149,7 +126,7 @@ def time_part(args):
     for round_ in range(args.rounds):
         order = list(models) if round_ % 2 == 0 else list(reversed(list(models)))
         for kind in order:
-            times[kind].append(statistics.mean(timed_updates(models[kind], data, k, args.updates_per_round)))
+            times[kind].append(k * seconds_per_step(models[kind], data, k * args.updates_per_round, warmup=k))
     ratios = [a / b for a, b in zip(times["noisy"], times["stock"])]
     print(f"\n1. One full-batch update: n={n} in {k} micro-batches of c={c} (ghost batches of {args.ghost}), "
           f"XLA {'on' if args.xla else 'off'}, {args.rounds} rounds of {args.updates_per_round} timed updates "

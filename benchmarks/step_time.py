@@ -2,12 +2,15 @@
 
 Same architecture, initial weights, batch, loss and metrics; XLA on and off. Both
 are timed inside `fit` on a repeated in-memory batch (steps_per_execution keeps
-Python out of the loop), alternating A/B rounds so machine noise hits both
-alike. Prints the median per-step times, the median of the per-round ratios
-noisy/stock, and the 25th-75th percentile of those ratios: on a shared machine
-the spread between rounds is often larger than the difference being measured.
+Python out of the loop), between the steps of one `fit` call (`_timing.py`:
+a whole call adds its start and a sometimes-slow end), alternating A/B rounds
+so machine noise hits both alike. `--engine per_example` times the noisy model
+with the per-example engine (it forms every example's gradient). Prints the
+median per-step times, the median of the per-round ratios noisy/stock, and the
+25th-75th percentile of those ratios: on a shared machine the spread between
+rounds is often larger than the difference being measured.
 
-    python benchmarks/step_time.py [--rounds 15] [--steps 100]
+    python benchmarks/step_time.py [--rounds 15] [--steps 100] [--engine per_example] [--batch-size 512]
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,6 +26,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
+from _timing import seconds_per_step as _in_fit  # noqa: E402  (benchmarks/ is the script's folder)
+
+EXECUTION = 20  # steps_per_execution
 
 
 def paper_cnn():
@@ -57,15 +62,13 @@ def build(layers_fn, model_class, optimizer, jit_compile):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile,
-        steps_per_execution=20,
+        steps_per_execution=EXECUTION,
     )
     return model
 
 
 def seconds_per_step(model, data, steps):
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
-    return (time.perf_counter() - start) / steps
+    return _in_fit(model, data, steps, warmup=EXECUTION)
 
 
 def main(argv=None):
@@ -75,9 +78,14 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--noise", default="gaussian_centered", help="noise name, emulating SGD(b=32)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--engine", default="weighted", choices=["weighted", "per_example"], help="the noisy model's engine")
+    parser.add_argument("--xla", default="both", choices=["both", "on", "off"])
     args = parser.parse_args(argv)
+    if args.steps % EXECUTION:
+        parser.error(f"--steps must be a multiple of {EXECUTION} (steps_per_execution). Received: {args.steps}")
 
-    print(f"batch {args.batch_size}, noise {args.noise} ~ SGD(32), {args.steps} steps x {args.rounds} rounds (median)")
+    print(f"batch {args.batch_size}, noise {args.noise} ~ SGD(32), engine {args.engine}, "
+          f"{args.steps} steps x {args.rounds} rounds (median)")
     print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14}")
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
@@ -85,11 +93,11 @@ def main(argv=None):
         x = rng.normal(size=(args.batch_size, *shape)).astype("float32")
         y = rng.integers(0, 10, args.batch_size)
         data = tf.data.Dataset.from_tensors((x, y)).repeat()
-        for jit_compile in (False, True):
+        for jit_compile in {"both": (False, True), "on": (True,), "off": (False,)}[args.xla]:
             stock = build(layers_fn, keras.Sequential, keras.optimizers.SGD(0.01), jit_compile)
             noisy = build(
                 layers_fn, kn.NoisySequential,
-                kn.NoisyGD(0.01, noise=args.noise, emulate_batch_size=32, seed=0), jit_compile,
+                kn.NoisyGD(0.01, noise=args.noise, emulate_batch_size=32, seed=0, engine=args.engine), jit_compile,
             )
             for model in (stock, noisy):  # trace and compile outside the timing
                 seconds_per_step(model, data, 20)

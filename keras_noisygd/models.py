@@ -64,19 +64,21 @@ class NoisyTrainStep:
 
     def _per_example_gradients(self, x, y, sample_weight, weights, chunk_size):
         """`G W + grad R` with `G` formed: the same update, through `per_example.compute`."""
-        state = [tf.identity(v) for v in self.non_trainable_variables]  # BN statistics and seeds before this step
-        y_pred = self(x, training=True)  # updates them once, as the weighted step does
         # The scaling `compute_loss` and `scale_loss` apply: 1/replicas (tf.distribute) and the loss scale.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         loss_scale = self.optimizer.scale_loss(tf.constant(1.0 / replicas, weights.dtype))
         result = per_example.compute(
-            self, x, y, sample_weight, weights=weights, chunk_size=chunk_size,
-            non_trainable_values=state, loss_scale=loss_scale,
+            self, x, y, sample_weight, weights=weights, chunk_size=chunk_size, loss_scale=loss_scale
         )
+        # The engine's batched training-mode forward pass is this step's forward pass: its predictions feed
+        # the metrics, and its new state (BN statistics, seeds) is the update `self(x, training=True)` makes.
+        for variable, value in zip(self.non_trainable_variables, result.state):
+            if value is not None:
+                variable.assign(value)
         gradients = result.gradients
         if result.regularization_gradients is not None:
             gradients = [g + r for g, r in zip(gradients, result.regularization_gradients)]
-        return y_pred, gradients
+        return result.y_pred, gradients
 
     def compile(self, *args, **kwargs):
         """`keras.Model.compile`; also records `loss_weights` for the per-example engine."""

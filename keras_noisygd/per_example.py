@@ -38,7 +38,7 @@ _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
 _ZERO = tf.UnconnectedGradients.ZERO
 
 PerExample = collections.namedtuple(
-    "PerExample", ["gradients", "regularization_gradients", "losses", "method"]
+    "PerExample", ["gradients", "regularization_gradients", "losses", "method", "y_pred", "state"]
 )
 
 
@@ -109,7 +109,10 @@ def compute(
     weighted mean `(1/B) sum_i weights_i G_i` (never holding more than one
     chunk of `G`; the rows are formed with the `1/B` inside, `losses` too); `regularization_gradients` is `d R / d theta` or `None` when
     the model has no losses; `losses` is the `[B]` values `s_i l_i`;
-    `method` the method used. `loss_scale` multiplies every per-example loss
+    `method` the method used; `y_pred` and `state` are the predictions and the
+    new non-trainable values (BN statistics, seeds; `None` where a value is
+    unchanged) of the batched training-mode forward pass, which a train step
+    can keep instead of running the model again. `loss_scale` multiplies every per-example loss
     and `R` (the train step's loss scaling and `tf.distribute` share).
     """
     _check_arguments(model, chunk_size, method)
@@ -132,7 +135,8 @@ def compute(
         )
         losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * data_scale
         regularization = tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * scale if reg_losses else None
-    state_updated = any(new is not old for new, old in zip(new_state, non_trainable_values))
+    new_state = [None if new is old else new for new, old in zip(new_state, non_trainable_values)]
+    state_updated = any(new is not None for new in new_state)
     if method == "auto":
         method = "jacobian" if state_updated else "vectorized"
     elif method == "vectorized" and state_updated:
@@ -161,7 +165,7 @@ def compute(
             return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
 
         gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
-    return PerExample(gradients, regularization_gradients, losses, method)
+    return PerExample(gradients, regularization_gradients, losses, method, y_pred, new_state)
 
 
 def _check_arguments(model, chunk_size, method):

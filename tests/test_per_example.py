@@ -319,6 +319,44 @@ def test_per_example_engine_trains_like_the_weighted_engine(float64, kind, jit_c
     assert int(engine.optimizer.noise_state[1]) == 4
 
 
+class _CallCounter(keras.layers.Layer):
+    """The identity, recording the batch size of every call (Python-level: once per eager step)."""
+
+    def __init__(self, calls, **kwargs):
+        super().__init__(**kwargs)
+        self.record = calls.append  # not the list itself: Keras would track a copy of it
+
+    def call(self, inputs):
+        self.record(inputs.shape[0])  # None while Keras infers the output shape of the symbolic model
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _counted_fit(kind, engine, calls):
+    base = _model(kind)
+    model = kn.NoisyModel(base.inputs, _CallCounter(calls)(base.outputs[0]))
+    model.compile(kn.NoisyGD(0.1, noise="sgd", emulate_batch_size=2, seed=3, engine=engine),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"], run_eagerly=True)
+    x, y = _data(kind, n=12)
+    return model.fit(x, y, batch_size=6, epochs=3, verbose=0, shuffle=False).history
+
+
+@pytest.mark.parametrize("kind", ["dense", "batchnorm", "dropout"])  # the vectorized and the jacobian method
+def test_per_example_step_runs_one_batched_forward_pass(float64, kind):
+    # The engine's own batched forward pass gives the step's predictions and state: the step must not run the
+    # model on the batch a second time (it did: `self(x)` before the engine). The vectorized method also runs
+    # the model on single examples (batch 1), which are not counted here.
+    calls = []
+    history = _counted_fit(kind, "per_example", calls)
+    assert calls.count(6) == 6, calls  # 3 epochs x 2 steps, one batched pass each (12 before)
+    # Metrics and loss come from that pass: the same as the weighted engine's (same masks, same statistics).
+    weighted = _counted_fit(kind, "weighted", [])
+    np.testing.assert_allclose(history["loss"], weighted["loss"], **TOL)
+    assert history["accuracy"] == weighted["accuracy"]
+
+
 def test_per_example_engine_with_adam(float64):
     weighted, _ = _trained("weighted", "dense", False, optimizer=kn.NoisyAdam)
     engine, _ = _trained("per_example", "dense", False, optimizer=kn.NoisyAdam)
