@@ -26,14 +26,15 @@ class _Clock(keras.callbacks.Callback):
         self.marks.append((batch, time.perf_counter()))
 
 
-def seconds_per_step(model, data, steps, warmup):
+def seconds_per_step(model, data, steps, warmup, callbacks=()):
     """Seconds per step of `model.fit(data)` over `steps` steps that follow `warmup` untimed ones.
 
     `warmup` must be a multiple of the model's `steps_per_execution` (a callback
     then ends it) and `steps` too (so the last callback ends the timed steps).
+    The clock runs after `callbacks`, so their per-batch work is timed.
     """
     clock = _Clock()
-    model.fit(data, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
+    model.fit(data, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False, callbacks=[*callbacks, clock])
     marks = dict(clock.marks)
     if warmup - 1 not in marks or warmup + steps - 1 not in marks:
         raise ValueError(f"warmup={warmup} and steps={steps} must be multiples of steps_per_execution")

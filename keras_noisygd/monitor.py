@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_noisygd import _gram
 from keras_noisygd import noise as noise_lib
 from keras_noisygd.optimizers import find_noisy_optimizer
 from keras_noisygd.per_example import per_example_gradients
@@ -83,8 +84,18 @@ class NoiseMonitor(keras.callbacks.Callback):
     The values (prefixed `noise/`) are added to `fit`'s logs, so `History`
     and a `keras.callbacks.TensorBoard` placed after this callback record them
     per epoch; `log_dir` also writes them per measurement. `history` keeps
-    every measurement with its step. Computing `G` leaves the model's state
-    and the optimizer's noise stream untouched.
+    every measurement with its step. Measuring leaves the model's state and
+    the optimizer's noise stream untouched.
+
+    Everything comes from the Gram matrix `K = G G^T`. For a network whose
+    trainable layers are all `keras.layers.Dense` (on `[B, features]`
+    inputs, no regularizers, no BatchNormalization or Dropout) the monitor
+    never forms `G`: `K_ij` is the sum over layers of
+    `(<a_i, a_j> + 1) <d_i, d_j>` (`a`: the layer's input, `d`: the loss's
+    gradient at its pre-activation), from one batched forward and backward
+    pass. Other models, and `method="per_example"`, form `G` with
+    `per_example_gradients`. After a measurement, `gram_source` says which
+    was used: `"dense_gram"` or `"per_example"`.
 
     Args:
         probe_batch: `(x, y)` or `(x, y, sample_weight)` arrays: the probe.
@@ -100,6 +111,9 @@ class NoiseMonitor(keras.callbacks.Callback):
             (needs the `tensorboard` package: `pip install keras_noisygd[tensorboard]`).
             Defaults to `None`.
         seed: Seed of the monitor's own noise draws. Defaults to `0`.
+        method: `"auto"` (the Gram matrix from the Dense layers' inputs and
+            output gradients where that applies, else from `G`) or
+            `"per_example"` (always from `G`). Defaults to `"auto"`.
 
     Example:
 
@@ -111,9 +125,12 @@ class NoiseMonitor(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, probe_batch, every_n_steps=100, sgd_batch_size=None, loss=None, chunk_size=None, log_dir=None, seed=0
+        self, probe_batch, every_n_steps=100, sgd_batch_size=None, loss=None, chunk_size=None, log_dir=None, seed=0,
+        method="auto",
     ):
         super().__init__()
+        if method not in ("auto", "per_example"):
+            raise ValueError(f"Argument `method` must be 'auto' or 'per_example'. Received: method={method!r}")
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"Argument `every_n_steps` must be an int >= 1. Received: every_n_steps={every_n_steps!r}")
         if not isinstance(probe_batch, (tuple, list)) or len(probe_batch) not in (2, 3):
@@ -132,14 +149,25 @@ class NoiseMonitor(keras.callbacks.Callback):
         self.chunk_size = chunk_size
         self.log_dir = log_dir
         self.seed = seed
+        self.method = method
         self.history = []
         self._latest = {}
         self._gram = None
         self._writer = None
+        self._plan = None
+        self._configurations = {}
+        self.gram_source = None
+
+    # The Gram path is used while the batch gradients it rebuilds match the backward pass's to this relative
+    # error; float32 rounding gives ~1e-7, a layer applied twice or a call that is not act(a W + b) gives O(1).
+    _GRAM_TOLERANCE = 1e-4
 
     def on_train_begin(self, logs=None):
         self._noise_configuration()  # bad settings fail here, before the first step
+        self._configurations = {}  # this fit's optimizer and model
         self._gram = tf.function(self._gram_matrix, jit_compile=False)
+        self._plan = _gram.plan(self.model) if self.method == "auto" else None
+        self._dense_gram = tf.function(self._dense_gram_matrix, jit_compile=False)
         if self.log_dir is not None and self._writer is None:
             try:
                 import tensorboard  # noqa: F401  (tf.summary's scalar implementation)
@@ -180,6 +208,17 @@ class NoiseMonitor(keras.callbacks.Callback):
             raise ValueError(f"The optimizer's noise {noise!r} has no `covariance(n)`; NoiseMonitor needs it.")
         return noise, b
 
+    def _configuration(self):
+        """`(sample, noise covariance, SGD(b) covariance)` for the current `b`, built once per value of `b`."""
+        optimizer = find_noisy_optimizer(self.model.optimizer)
+        key = (id(optimizer.noise), optimizer.current_emulate_batch_size()) if optimizer is not None else None
+        if key not in self._configurations:
+            noise, b = self._noise_configuration()
+            n = self.probe_size
+            sample = tf.function(lambda seed: noise.sample(seed, n, "float64"), jit_compile=False)
+            self._configurations[key] = (sample, noise.covariance(n), noise_lib.SGDSampling(b).covariance(n))
+        return self._configurations[key]
+
     def _gram_matrix(self, x, y, sample_weight):
         grads = per_example_gradients(
             self.model, x, y, sample_weight=sample_weight, loss=self.loss, chunk_size=self.chunk_size
@@ -187,17 +226,30 @@ class NoiseMonitor(keras.callbacks.Callback):
         flat = [tf.reshape(tf.cast(g, tf.float64), [self.probe_size, -1]) for g in grads]
         return tf.add_n([tf.matmul(f, f, transpose_b=True) for f in flat])
 
+    def _dense_gram_matrix(self, x, y, sample_weight):
+        return _gram.gram(self._plan, self.model, x, y, sample_weight=sample_weight, loss=self.loss)
+
+    def _probe_gram(self, x, y, sample_weight):
+        """`K` from the Dense layers' inputs and output gradients where that applies, else from `G`."""
+        if self._plan is not None:
+            result = self._dense_gram(x, y, sample_weight)
+            if result is not None and float(result[1]) <= self._GRAM_TOLERANCE:
+                self.gram_source = "dense_gram"
+                return result[0].numpy()
+            self._plan = None  # the model couples, regularizes or reuses a layer: form G from now on
+        self.gram_source = "per_example"
+        return self._gram(x, y, sample_weight).numpy()
+
     def _measure_if_due(self):
         step = int(self.model.optimizer.iterations.numpy())
         if step < self._next_step:
             return
         self._next_step = (step // self.every_n_steps + 1) * self.every_n_steps
         x, y, *rest = self.probe_batch
-        gram = self._gram(x, y, rest[0] if rest else None).numpy()
-        noise, b = self._noise_configuration()
-        n = self.probe_size
-        weights = noise.sample(np.array([self.seed, step]), n, "float64").numpy()
-        values = noise_statistics(gram, weights, noise.covariance(n), noise_lib.SGDSampling(b).covariance(n))
+        gram = self._probe_gram(x, y, rest[0] if rest else None)
+        sample, noise_covariance, sgd_covariance = self._configuration()
+        weights = sample(tf.constant([self.seed, step], tf.int64)).numpy()
+        values = noise_statistics(gram, weights, noise_covariance, sgd_covariance)
         self._latest = {f"noise/{k}": v for k, v in values.items()}
         self.history.append({"step": step, **values})
         if self._writer is not None:

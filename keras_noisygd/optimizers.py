@@ -190,6 +190,8 @@ class NoiseMixin:
 
     def current_emulate_batch_size(self):
         """The SGD batch size `b` the next update emulates (a schedule's current value), or `None`."""
+        if not isinstance(self.emulate_batch_size, keras.optimizers.schedules.LearningRateSchedule):
+            return self.emulate_batch_size  # fixed: no need to read the update counter
         update, _ = self._update_position()
         b, _ = self._emulated_batch_size(update)
         return b if b is None or isinstance(b, int) else int(b.numpy())

@@ -42,6 +42,7 @@ def test_statistics_equal_numpy_from_the_explicit_gradient_matrix(float64, noise
     b = 4
     model, monitor, history, (x, y) = _fit_with_monitor(noise_name, b)
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
+    assert monitor.gram_source == "dense_gram"  # an MLP: K from the layers' inputs and output gradients, no G
     last = monitor.history[-1]  # measured after the last step: the model's final weights
     G = _explicit_G(model, x, y)
     n = len(G)
@@ -111,6 +112,8 @@ def test_bad_arguments():
         kn.NoiseMonitor((x, y), every_n_steps=0)
     with pytest.raises(ValueError, match=r"`probe_batch` must be a tuple"):
         kn.NoiseMonitor(x)
+    with pytest.raises(ValueError, match=r"`method` must be 'auto' or 'per_example'. Received: method='gram'$"):
+        kn.NoiseMonitor((x, y), method="gram")
     model = mlp()
     model.compile(kn.NoisyGD(0.1, noise=noise.Gaussian(std=1.0)), "sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match=r"`sgd_batch_size` is needed.*Received: sgd_batch_size=None"):
