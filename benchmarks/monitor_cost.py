@@ -3,8 +3,8 @@
 The monitor measures at every step on a probe batch of the training batch's
 size. Three ways, alternating rounds in one process (median of the per-round
 ratios, with their range): no monitor, the monitor with `method="auto"` (the
-Gram matrix from the Dense layers' inputs and output gradients, where the
-model allows it: the MLP) and with `method="per_example"` (the Gram matrix
+Gram matrix from the layers' inputs and output gradients, where the
+model allows it: both models here) and with `method="per_example"` (the Gram matrix
 from `G`, as before the Gram path). Steps are timed inside one `fit`
 (`_timing.py`), `steps_per_execution=1` so that the monitor runs at every step.
 

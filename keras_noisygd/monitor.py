@@ -89,13 +89,14 @@ class NoiseMonitor(keras.callbacks.Callback):
 
     Everything comes from the Gram matrix `K = G G^T`. For a network whose
     trainable layers are all `keras.layers.Dense` (on `[B, features]`
-    inputs, no regularizers, no BatchNormalization or Dropout) the monitor
-    never forms `G`: `K_ij` is the sum over layers of
-    `(<a_i, a_j> + 1) <d_i, d_j>` (`a`: the layer's input, `d`: the loss's
-    gradient at its pre-activation), from one batched forward and backward
-    pass. Other models, and `method="per_example"`, form `G` with
-    `per_example_gradients`. After a measurement, `gram_source` says which
-    was used: `"dense_gram"` or `"per_example"`.
+    inputs), `Conv1D` or `Conv2D` (channels last, no dilation or groups),
+    with no BatchNormalization or Dropout, the monitor never forms `G`: a
+    Dense layer contributes `(<a_i, a_j> + 1) <d_i, d_j>` (`a`: its input,
+    `d`: the loss's gradient at its pre-activation), a convolution the
+    products of its small per-example rows, all from one batched forward
+    and backward pass. Other models, and `method="per_example"`, form `G`
+    with `per_example_gradients`. After a measurement, `gram_source` says
+    which was used: `"layers"` or `"per_example"`.
 
     Args:
         probe_batch: `(x, y)` or `(x, y, sample_weight)` arrays: the probe.
@@ -111,7 +112,7 @@ class NoiseMonitor(keras.callbacks.Callback):
             (needs the `tensorboard` package: `pip install keras_noisygd[tensorboard]`).
             Defaults to `None`.
         seed: Seed of the monitor's own noise draws. Defaults to `0`.
-        method: `"auto"` (the Gram matrix from the Dense layers' inputs and
+        method: `"auto"` (the Gram matrix from the layers' inputs and
             output gradients where that applies, else from `G`) or
             `"per_example"` (always from `G`). Defaults to `"auto"`.
 
@@ -167,7 +168,7 @@ class NoiseMonitor(keras.callbacks.Callback):
         self._configurations = {}  # this fit's optimizer and model
         self._gram = tf.function(self._gram_matrix, jit_compile=False)
         self._plan = _gram.plan(self.model) if self.method == "auto" else None
-        self._dense_gram = tf.function(self._dense_gram_matrix, jit_compile=False)
+        self._layer_gram = tf.function(self._layer_gram_matrix, jit_compile=False)
         if self.log_dir is not None and self._writer is None:
             try:
                 import tensorboard  # noqa: F401  (tf.summary's scalar implementation)
@@ -226,15 +227,15 @@ class NoiseMonitor(keras.callbacks.Callback):
         flat = [tf.reshape(tf.cast(g, tf.float64), [self.probe_size, -1]) for g in grads]
         return tf.add_n([tf.matmul(f, f, transpose_b=True) for f in flat])
 
-    def _dense_gram_matrix(self, x, y, sample_weight):
+    def _layer_gram_matrix(self, x, y, sample_weight):
         return _gram.gram(self._plan, self.model, x, y, sample_weight=sample_weight, loss=self.loss)
 
     def _probe_gram(self, x, y, sample_weight):
-        """`K` from the Dense layers' inputs and output gradients where that applies, else from `G`."""
+        """`K` from the layers' inputs and output gradients where that applies, else from `G`."""
         if self._plan is not None:
-            result = self._dense_gram(x, y, sample_weight)
+            result = self._layer_gram(x, y, sample_weight)
             if result is not None and float(result[1]) <= self._GRAM_TOLERANCE:
-                self.gram_source = "dense_gram"
+                self.gram_source = "layers"
                 return result[0].numpy()
             self._plan = None  # the model couples, regularizes or reuses a layer: form G from now on
         self.gram_source = "per_example"

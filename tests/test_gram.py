@@ -69,7 +69,7 @@ def _reference(model, x, y, sample_weight=None):
     ],
     ids=["mlp", "mlp-l2-weighted", "deep-functional", "deep-sequential-weighted"],
 )
-def test_dense_gram_is_the_gram_of_the_per_example_rows(float64, build, shape, weighted):
+def test_dense_rows_give_the_gram_of_the_per_example_rows(float64, build, shape, weighted):
     model = build()
     x, y = _data(shape)
     sample_weight = tf.constant(np.linspace(0.5, 2.0, B)) if weighted else None
@@ -78,6 +78,39 @@ def test_dense_gram_is_the_gram_of_the_per_example_rows(float64, build, shape, w
     gram, mismatch = _gram.gram(plan, model, x, y, sample_weight=sample_weight)
     np.testing.assert_allclose(gram.numpy(), _reference(model, x, y, sample_weight), **TOL)
     assert float(mismatch) < 1e-12  # float64: the rebuilt batch gradients are the true ones
+
+
+def _convolutional(kind):
+    """Convolutions of each supported kind: strides, same/valid padding, no bias, activations, L2, pooling."""
+    keras.utils.set_random_seed(10)
+    layers = keras.layers
+    if kind == "conv1d":
+        inputs = keras.Input((11, 2))
+        hidden = layers.Conv1D(3, 3, strides=2, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.02))(inputs)
+        hidden = layers.Conv1D(2, 2, padding="same", use_bias=False)(hidden)
+    elif kind == "conv2d":
+        inputs = keras.Input((7, 6, 2))
+        hidden = layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
+        hidden = layers.Conv2D(2, (2, 3), padding="valid", use_bias=False, activation="gelu")(hidden)
+    else:  # the paper's CNN, smaller: conv, pool, ReLU layers, dense
+        inputs = keras.Input((12, 12, 1))
+        hidden = layers.ReLU()(layers.MaxPooling2D()(layers.Conv2D(4, 5)(inputs)))
+        hidden = layers.ReLU()(layers.MaxPooling2D()(layers.Conv2D(3, 3)(hidden)))
+        hidden = layers.Dense(5, activation="relu")(layers.Flatten()(hidden))
+    outputs = layers.Dense(3)(layers.Flatten()(hidden))
+    model = kn.NoisyModel(inputs, outputs)
+    model.compile(kn.NoisyGD(0.1, noise="none"), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.mark.parametrize("kind, shape", [("conv1d", (11, 2)), ("conv2d", (7, 6, 2)), ("paper", (12, 12, 1))])
+def test_convolution_rows_give_the_gram_of_the_per_example_rows(float64, kind, shape):
+    model = _convolutional(kind)
+    x, y = _data(shape)
+    sample_weight = tf.constant(np.linspace(0.5, 2.0, B))
+    gram, mismatch = _gram.gram(_gram.plan(model), model, x, y, sample_weight=sample_weight)
+    np.testing.assert_allclose(gram.numpy(), _reference(model, x, y, sample_weight), **TOL)
+    assert float(mismatch) < 1e-12
 
 
 def _coupled(layer):
@@ -108,11 +141,14 @@ def _sequence():
     return model
 
 
+def _io(layer):
+    inputs = keras.Input((6, 2))
+    return inputs, keras.layers.Dense(3)(keras.layers.Flatten()(layer(inputs)))
+
+
 def _conv():
     keras.utils.set_random_seed(8)
-    inputs = keras.Input((6, 2))
-    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Conv1D(2, 3)(inputs)))
-    model = kn.NoisyModel(inputs, outputs)
+    model = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 3)))
     model.compile(kn.NoisyGD(0.1, noise="none"), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
@@ -129,7 +165,9 @@ class _Subclassed(keras.Model):
 def test_models_outside_the_rule_are_refused_before_any_data(float64):
     subclassed = _Subclassed()
     subclassed(tf.zeros([1, 5]))
-    for model in (_conv(), subclassed, _coupled(keras.layers.BatchNormalization())):  # BN's gamma, beta
+    dilated = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 2, dilation_rate=2)))
+    causal = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 2, padding="causal")))
+    for model in (subclassed, _coupled(keras.layers.BatchNormalization()), dilated, causal):  # BN: gamma, beta
         assert _gram.plan(model) is None
 
 
@@ -139,7 +177,7 @@ def test_models_outside_the_rule_are_refused_before_any_data(float64):
      (lambda: _coupled(keras.layers.Dropout(0.3)), (5,)), (_sequence, (3, 4))],
     ids=["batchnorm", "dropout", "dense-on-a-sequence"],
 )
-def test_coupled_or_sequence_models_give_no_dense_gram(float64, build, shape):
+def test_coupled_or_sequence_models_give_no_layer_gram(float64, build, shape):
     model = build()
     x, y = _data(shape)
     assert _gram.gram(_gram.plan(model), model, x, y) is None
@@ -154,8 +192,8 @@ def test_a_layer_applied_twice_shows_in_the_mismatch(float64):
 
 @pytest.mark.parametrize(
     "build, shape, method",
-    [(lambda: _mlp(1e-2), (5,), "dense_gram"), (_shared, (4,), "per_example"),
-     (lambda: _coupled(keras.layers.BatchNormalization()), (5,), "per_example"), (_conv, (6, 2), "per_example")],
+    [(lambda: _mlp(1e-2), (5,), "layers"), (_shared, (4,), "per_example"),
+     (lambda: _coupled(keras.layers.BatchNormalization()), (5,), "per_example"), (_conv, (6, 2), "layers")],
     ids=["mlp", "shared", "batchnorm", "conv"],
 )
 def test_monitor_uses_the_gram_path_where_it_applies_and_agrees_with_g(float64, build, shape, method):

@@ -42,7 +42,7 @@ def test_statistics_equal_numpy_from_the_explicit_gradient_matrix(float64, noise
     b = 4
     model, monitor, history, (x, y) = _fit_with_monitor(noise_name, b)
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
-    assert monitor.gram_source == "dense_gram"  # an MLP: K from the layers' inputs and output gradients, no G
+    assert monitor.gram_source == "layers"  # an MLP: K from the layers' inputs and output gradients, no G
     last = monitor.history[-1]  # measured after the last step: the model's final weights
     G = _explicit_G(model, x, y)
     n = len(G)
