@@ -21,11 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
 from _timing import seconds_per_step  # noqa: E402  (benchmarks/ is the script's folder)
-from step_time import MODELS  # noqa: E402
+from step_time import MODELS, synthetic_batch  # noqa: E402
 
 
 def main(argv=None):
@@ -39,10 +38,7 @@ def main(argv=None):
     print(f"{'model':<20} {'step ms':>8} {'auto ms':>8} {'source':>11} {'ratio':>14} {'per_ex ms':>10} {'ratio':>14}")
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
-        layers_fn, shape = MODELS[name]
-        x = rng.normal(size=(args.batch_size, *shape)).astype("float32")
-        y = rng.integers(0, 10, args.batch_size)
-        data = tf.data.Dataset.from_tensors((x, y)).repeat()
+        layers_fn, (x, y), data = synthetic_batch(name, args.batch_size, rng)
         keras.utils.set_random_seed(0)
         model = kn.NoisySequential(layers_fn())
         model.compile(

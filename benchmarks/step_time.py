@@ -54,6 +54,14 @@ def mlp():
 MODELS = {"paper_cnn": (paper_cnn, (28, 28, 1)), "mlp_784_256_256_10": (mlp, (784,))}
 
 
+def synthetic_batch(name, batch_size, rng):
+    """`(layers_fn, (x, y), dataset repeating that batch)`: one random batch for the model `name`."""
+    layers_fn, shape = MODELS[name]
+    x = rng.normal(size=(batch_size, *shape)).astype("float32")
+    y = rng.integers(0, 10, batch_size)
+    return layers_fn, (x, y), tf.data.Dataset.from_tensors((x, y)).repeat()
+
+
 def build(layers_fn, model_class, optimizer, jit_compile):
     keras.utils.set_random_seed(0)
     model = model_class(layers_fn())
@@ -89,10 +97,7 @@ def main(argv=None):
     print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14}")
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
-        layers_fn, shape = MODELS[name]
-        x = rng.normal(size=(args.batch_size, *shape)).astype("float32")
-        y = rng.integers(0, 10, args.batch_size)
-        data = tf.data.Dataset.from_tensors((x, y)).repeat()
+        layers_fn, (x, y), data = synthetic_batch(name, args.batch_size, rng)
         for jit_compile in {"both": (False, True), "on": (True,), "off": (False,)}[args.xla]:
             stock = build(layers_fn, keras.Sequential, keras.optimizers.SGD(0.01), jit_compile)
             noisy = build(
