@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import weakref
 
 import keras
 import tensorflow as tf
@@ -40,21 +41,38 @@ from keras_noisygd.gradients import batch_size_of
 
 Plan = collections.namedtuple("Plan", ["capture", "layers"])
 
+_PLANS = weakref.WeakKeyDictionary()  # model -> (its trainable variables, its plan)
+
+
+def cached_plan(model):
+    """`plan(model)`, built once per model and set of trainable variables."""
+    key = tuple(id(v) for v in model.trainable_variables)
+    cached = _PLANS.get(model)
+    if cached is None or cached[0] != key:
+        cached = _PLANS[model] = (key, plan(model))
+    return cached[1]
+
 
 def plan(model):
     """A `Plan` for the Gram path of `model`, or `None` where it does not apply (forms `G` instead)."""
     layers = [layer for layer in model.layers if layer.trainable_weights]
     if not layers or not all(_supported(layer) for layer in layers):
         return None
+    if model.non_trainable_variables:
+        return None  # BatchNormalization statistics, seeds of random layers: their batch pass may couple
     covered = {id(v) for layer in layers for v in layer.trainable_weights}
     if covered != {id(v) for v in model.trainable_variables} or len(getattr(model, "outputs", None) or []) != 1:
         return None
     try:
-        capture = keras.Model(
-            model.inputs, [model.outputs[0], *[(layer.input, layer.output) for layer in layers]]
-        )
+        captured = [(layer.input, layer.output) for layer in layers]
+        capture = keras.Model(model.inputs, [model.outputs[0], *captured])
     except (AttributeError, ValueError, TypeError):  # not a graph of layers (a subclassed model), or disconnected
         return None
+    for layer, (a, _) in zip(layers, captured):
+        if type(layer) is keras.layers.Dense and len(a.shape) != 2:
+            return None  # a Dense layer on a sequence sums over positions: its rows are not one outer product
+        if None in a.shape[1:]:
+            return None  # the convolution rows need the spatial sizes
     return Plan(capture, layers)
 
 
@@ -78,32 +96,43 @@ def _supported(layer):
     )
 
 
-def gram(plan_, model, x, y, sample_weight=None, loss=None):
-    """`(K, mismatch)` in float64 for the probe batch, or `None` if the model's examples are coupled.
+Captured = collections.namedtuple(
+    "Captured", ["y_pred", "losses", "layers", "mismatch", "regularization_gradients", "trainable"]
+)
 
-    `K_ij = <G_i, G_j>` for the rows of `per_example_gradients`,
-    `G_i = gamma_i + r` (`gamma_i` the gradient of `s_i l_i`, `r` that of the
-    regularization losses), so `K = Gamma + u 1^T + 1 u^T + |r|^2` with
-    `u_i = <gamma_i, r>`. `mismatch` is the largest relative difference
-    between the rebuilt and the true batch gradients of the biases (of the
-    kernel, for a layer without one; ~1e-7 in float32 when the path applies).
+
+def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
+    """One batched training-mode pass of the capture model, or `None` if the examples are coupled.
+
+    Returns a `Captured`: the predictions, the `[B]` per-example losses
+    `s_i l_i * data_scale`, for each layer of the plan `(layer, a, d, rows)`
+    (`rows`: a convolution's `(kernel rows, bias rows)`, `None` for Dense),
+    the `mismatch` of the rebuilt batch gradients, the gradients of the
+    regularization losses times `regularization_scale` (one per trainable
+    variable, or `None` without regularization) and the trainable values.
     """
     loss_fn = per_example._loss_function(model, loss)
-    capture = plan_.capture
-    values = {id(v): v.value for v in capture.trainable_variables}
-    trainable = [values[id(v)] for v in capture.trainable_variables]
-    non_trainable = [v.value for v in capture.non_trainable_variables]
+    capture_model = plan_.capture
+    values = {id(v): v.value for v in capture_model.trainable_variables}
+    trainable = [values[id(v)] for v in model.trainable_variables]
+    non_trainable = [v.value for v in capture_model.non_trainable_variables]
     batch_size = batch_size_of(x)
     kernels = [values[id(layer.kernel)] for layer in plan_.layers]
     biases = [values[id(layer.bias)] if layer.use_bias else None for layer in plan_.layers]
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(trainable)
-        outputs, new_state, reg_losses = capture.stateless_call(
-            trainable, non_trainable, x, training=True, return_losses=True
+        outputs, new_state, reg_losses = capture_model.stateless_call(
+            [values[id(v)] for v in capture_model.trainable_variables], non_trainable, x, training=True,
+            return_losses=True,
         )
         y_pred, captured = outputs[0], outputs[1:]
-        total = tf.reduce_sum(loss_fn(y, y_pred, sample_weight, batch_size))
-        regularization = tf.add_n(reg_losses) if reg_losses else None
+        dtype = trainable[0].dtype
+        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * tf.cast(data_scale, dtype)
+        total = tf.reduce_sum(losses)
+        regularization = (
+            tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * tf.cast(regularization_scale, dtype)
+            if reg_losses else None
+        )
     if any(new is not old for new, old in zip(new_state, non_trainable)):
         return None  # batch statistics or random layers: the examples are coupled, form G
     if any(len(a.shape) != 2 for layer, (a, _) in zip(plan_.layers, captured) if type(layer) is keras.layers.Dense):
@@ -119,59 +148,97 @@ def gram(plan_, model, x, y, sample_weight=None, loss=None):
     checked = [bias if bias is not None else kernel for kernel, bias in zip(kernels, biases)]
     grads = tape.gradient(total, outs + logits + checked, unconnected_gradients=zero)
     out_grads, logit_grads, checked_grads = grads[:n], grads[n : 2 * n], grads[2 * n :]
-    reg_grads = {}
+    reg_grads = None
     if regularization is not None:
-        reg_vars = [v for v in kernels + biases if v is not None]
-        reg_grads = dict(zip(map(id, reg_vars), tape.gradient(regularization, reg_vars, unconnected_gradients=zero)))
+        reg_grads = tape.gradient(regularization, trainable, unconnected_gradients=zero)
     del tape
-    f64 = lambda t: tf.cast(t, tf.float64)  # noqa: E731
-    k = tf.zeros([batch_size, batch_size], tf.float64)
-    u = tf.zeros([batch_size], tf.float64)  # <gamma_i, r>
-    r_sq = tf.constant(0.0, tf.float64)  # |r|^2
+    layers = []
     mismatch = tf.constant(0.0, tf.float64)
     for layer, (a, out), out_grad, logit, logit_grad, kernel, bias, checked_grad in zip(
         plan_.layers, captured, out_grads, logits, logit_grads, kernels, biases, checked_grads
     ):
         delta = _pre_activation_gradient(layer, a, out, out_grad, logit, logit_grad, kernel, bias)
-        if type(layer) is not keras.layers.Dense:
+        rows = None
+        if type(layer) is keras.layers.Dense:
+            rebuilt = tf.reduce_sum(delta, axis=0) if bias is not None else tf.matmul(a, delta, transpose_a=True)
+        else:
             rows = _convolution_rows(layer, a, delta)
             if rows is None:
                 return None
-            kernel_rows, bias_rows = rows
-            rebuilt = tf.reduce_sum(bias_rows if bias is not None else kernel_rows, axis=0)
-            error = tf.norm(f64(rebuilt - tf.reshape(checked_grad, [-1]))) / (
-                tf.norm(f64(checked_grad)) + tf.constant(1e-30, tf.float64)
-            )
-            mismatch = tf.maximum(mismatch, error)
-            k += f64(tf.matmul(kernel_rows, kernel_rows, transpose_b=True))
-            if bias is not None:
-                k += f64(tf.matmul(bias_rows, bias_rows, transpose_b=True))
-            if reg_grads:
-                u += tf.linalg.matvec(f64(kernel_rows), tf.reshape(f64(reg_grads[id(kernel)]), [-1]))
-                r_sq += tf.reduce_sum(f64(reg_grads[id(kernel)]) ** 2)
-                if bias is not None:
-                    u += tf.linalg.matvec(f64(bias_rows), f64(reg_grads[id(bias)]))
-                    r_sq += tf.reduce_sum(f64(reg_grads[id(bias)]) ** 2)
-            continue
-        rebuilt = tf.reduce_sum(delta, axis=0) if bias is not None else tf.matmul(a, delta, transpose_a=True)
-        error = tf.norm(f64(rebuilt - checked_grad)) / (tf.norm(f64(checked_grad)) + tf.constant(1e-30, tf.float64))
+            rebuilt = tf.reduce_sum(rows[1] if bias is not None else rows[0], axis=0)
+        error = tf.norm(_f64(rebuilt) - tf.reshape(_f64(checked_grad), tf.shape(rebuilt))) / (
+            tf.norm(_f64(checked_grad)) + tf.constant(1e-30, tf.float64)
+        )
         mismatch = tf.maximum(mismatch, error)
+        layers.append((layer, a, delta, rows))
+    return Captured(y_pred, losses, layers, mismatch, reg_grads, trainable)
+
+
+def _f64(t):
+    return tf.cast(t, tf.float64)
+
+
+def gram(plan_, model, x, y, sample_weight=None, loss=None):
+    """`(K, mismatch)` in float64 for the probe batch, or `None` if the model's examples are coupled.
+
+    `K_ij = <G_i, G_j>` for the rows of `per_example_gradients`,
+    `G_i = gamma_i + r` (`gamma_i` the gradient of `s_i l_i`, `r` that of the
+    regularization losses), so `K = Gamma + u 1^T + 1 u^T + |r|^2` with
+    `u_i = <gamma_i, r>`. `mismatch` is the largest relative difference
+    between the rebuilt and the true batch gradients of the biases (of the
+    kernel, for a layer without one; ~1e-7 in float32 when the path applies).
+    """
+    captured = capture(plan_, model, x, y, sample_weight, loss)
+    if captured is None:
+        return None
+    batch_size = batch_size_of(x)
+    reg = {}  # by variable
+    if captured.regularization_gradients is not None:
+        reg = {id(v): g for v, g in zip(model.trainable_variables, captured.regularization_gradients)}
+    k = tf.zeros([batch_size, batch_size], tf.float64)
+    u = tf.zeros([batch_size], tf.float64)  # <gamma_i, r>
+    for layer, a, delta, rows in captured.layers:
+        kernel, bias = layer.kernel, (layer.bias if layer.use_bias else None)
+        if rows is not None:
+            kernel_rows, bias_rows = rows
+            k += _f64(tf.matmul(kernel_rows, kernel_rows, transpose_b=True))
+            if bias is not None:
+                k += _f64(tf.matmul(bias_rows, bias_rows, transpose_b=True))
+            if reg:
+                u += tf.linalg.matvec(_f64(kernel_rows), tf.reshape(_f64(reg[id(kernel)]), [-1]))
+                if bias is not None:
+                    u += tf.linalg.matvec(_f64(bias_rows), _f64(reg[id(bias)]))
+            continue
         # The B x B products in the model's dtype (float32: ~1e-6 relative, like the float32 rows of G),
         # summed in float64; float64 models stay float64 throughout.
-        inputs_gram = f64(tf.matmul(a, a, transpose_b=True)) + (1.0 if bias is not None else 0.0)
-        k += inputs_gram * f64(tf.matmul(delta, delta, transpose_b=True))
-        if reg_grads:
-            a64, d64 = f64(a), f64(delta)
-            r_kernel = f64(reg_grads[id(kernel)])
-            u += tf.reduce_sum(tf.matmul(a64, r_kernel) * d64, axis=1)  # a_i^T r_W d_i
-            r_sq += tf.reduce_sum(r_kernel**2)
+        inputs_gram = _f64(tf.matmul(a, a, transpose_b=True)) + (1.0 if bias is not None else 0.0)
+        k += inputs_gram * _f64(tf.matmul(delta, delta, transpose_b=True))
+        if reg:
+            u += tf.reduce_sum(tf.matmul(_f64(a), _f64(reg[id(kernel)])) * _f64(delta), axis=1)  # a_i^T r_W d_i
             if bias is not None:
-                r_bias = f64(reg_grads[id(bias)])
-                u += tf.linalg.matvec(d64, r_bias)
-                r_sq += tf.reduce_sum(r_bias**2)
-    if reg_grads:
+                u += tf.linalg.matvec(_f64(delta), _f64(reg[id(bias)]))
+    if reg:
+        r_sq = tf.add_n([tf.reduce_sum(_f64(g) ** 2) for g in reg.values()])
         k += u[:, None] + u[None, :] + r_sq
-    return k, mismatch
+    return k, captured.mismatch
+
+
+def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
+    """`(G as one [B, *shape] tensor per trainable variable, Captured)`, or `None` if the examples are coupled."""
+    captured = capture(plan_, model, x, y, sample_weight, loss, data_scale, regularization_scale)
+    if captured is None:
+        return None
+    by_variable = {}
+    for layer, a, delta, conv_rows in captured.layers:
+        if conv_rows is None:
+            kernel_rows, bias_rows = tf.einsum("bi,bo->bio", a, delta), delta
+        else:
+            kernel_rows = tf.reshape(conv_rows[0], [-1, *layer.kernel.shape])
+            bias_rows = conv_rows[1]
+        by_variable[id(layer.kernel)] = kernel_rows
+        if layer.use_bias:
+            by_variable[id(layer.bias)] = bias_rows
+    return [by_variable[id(v)] for v in model.trainable_variables], captured
 
 
 def _pre_activation_gradient(layer, a, out, out_grad, logit, logit_grad, kernel, bias):

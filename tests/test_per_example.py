@@ -135,7 +135,11 @@ def test_activity_regularizer_enters_through_the_batch_regularization_gradient(f
         np.testing.assert_allclose(np.mean(g, axis=0), expected, **TOL)
 
 
-@pytest.mark.parametrize("kind,expected", [("dense", "vectorized"), ("batchnorm", "jacobian"), ("dropout", "jacobian")])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [("dense", "layers"), ("conv2d", "layers"), ("embedding", "vectorized"), ("batchnorm", "jacobian"),
+     ("dropout", "jacobian")],
+)
 def test_auto_picks_the_jacobian_exactly_when_training_updates_state(float64, kind, expected):
     model = _model(kind)
     x, y = _data(kind)
@@ -146,14 +150,46 @@ def test_auto_picks_the_jacobian_exactly_when_training_updates_state(float64, ki
         np.testing.assert_array_equal(old, variable)
 
 
-def test_frozen_batchnorm_runs_vectorized(float64):
+@pytest.mark.parametrize("method", ["auto", "vectorized"])
+def test_frozen_batchnorm_runs_vectorized(float64, method):
     model = _model("batchnorm")
     model.layers[2].trainable = False  # inference mode: no batch coupling, no state update
     x, y = _data("batchnorm")
-    result = per_example.compute(model, x, y)
-    assert result.method == "vectorized"
+    result = per_example.compute(model, x, y, method=method)
+    assert result.method == "vectorized"  # no layer rows for a model with state, even frozen
     for g, expected in zip(result.gradients, _loop_independent(model, x, y)):
         np.testing.assert_allclose(g, expected, **TOL)
+
+
+def _shared_dense():
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((5,))
+    shared = keras.layers.Dense(5, activation="tanh")
+    model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(shared(shared(inputs))))
+    model.compile(kn.NoisyGD(0.1, noise="none"), "sparse_categorical_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_layer_rows_fall_back_where_their_check_fails(float64, jit_compile):
+    # A layer applied twice: its captured input and output are the first call's only, so its rows would be
+    # wrong; the rebuilt bias gradient differs from the backward pass's and the general path runs instead.
+    model = _shared_dense()
+    x, y = _data("dense")
+    rows = tf.function(lambda: kn.per_example_gradients(model, x, y), jit_compile=jit_compile)()
+    for g, expected in zip(rows, _loop_independent(model, x, y)):
+        np.testing.assert_allclose(g, expected, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["dense", "regularized", "conv1d", "conv2d", "activity"])
+def test_layer_rows_equal_the_vectorized_method(float64, kind):
+    model = _model(kind)
+    x, y = _data(kind)
+    assert per_example.compute(model, x, y).method == "layers"
+    fast = kn.per_example_gradients(model, x, y)
+    general = kn.per_example_gradients(model, x, y, method="vectorized")
+    for a, b in zip(fast, general):
+        np.testing.assert_allclose(a, b, **TOL)
 
 
 @pytest.mark.parametrize("kind", ["batchnorm", "dropout"])
