@@ -1,4 +1,4 @@
-"""The Gram matrix `K = G G^T` of the per-example gradients without forming `G`: Dense and convolutions.
+"""Per-example gradients of Dense and convolution layers from one batched pass: their rows and `G G^T`.
 
 For a Dense layer `z = a W + b`, example `i`'s gradient is `W_i = a_i d_i^T`
 and `b_i = d_i`, with `a_i` the layer's input and `d_i = dl_i / dz_i`. So
@@ -40,6 +40,10 @@ from keras_noisygd import per_example
 from keras_noisygd.gradients import batch_size_of
 
 Plan = collections.namedtuple("Plan", ["capture", "layers"])
+
+# The layer path is used while the batch gradients it rebuilds match the backward pass's to this relative
+# error: float32 rounding gives ~1e-7, a layer applied twice or a call the rules do not describe O(1).
+TOLERANCE = 1e-4
 
 _PLANS = weakref.WeakKeyDictionary()  # model -> (its trainable variables, its plan)
 

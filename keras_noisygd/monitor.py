@@ -159,10 +159,6 @@ class NoiseMonitor(keras.callbacks.Callback):
         self._configurations = {}
         self.gram_source = None
 
-    # The Gram path is used while the batch gradients it rebuilds match the backward pass's to this relative
-    # error; float32 rounding gives ~1e-7, a layer applied twice or a call that is not act(a W + b) gives O(1).
-    _GRAM_TOLERANCE = 1e-4
-
     def on_train_begin(self, logs=None):
         self._noise_configuration()  # bad settings fail here, before the first step
         self._configurations = {}  # this fit's optimizer and model
@@ -234,7 +230,7 @@ class NoiseMonitor(keras.callbacks.Callback):
         """`K` from the layers' inputs and output gradients where that applies, else from `G`."""
         if self._plan is not None:
             result = self._layer_gram(x, y, sample_weight)
-            if result is not None and float(result[1]) <= self._GRAM_TOLERANCE:
+            if result is not None and float(result[1]) <= _gram.TOLERANCE:
                 self.gram_source = "layers"
                 return result[0].numpy()
             self._plan = None  # the model couples, regularizes or reuses a layer: form G from now on

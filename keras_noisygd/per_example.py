@@ -14,11 +14,16 @@ Two exact ways to form `G_i = d l_i / d theta`, both from `model.stateless_call`
   example, as in the batched step) included, at `O(B)` times the cost of the
   batched backward pass.
 
-`"auto"` picks `"jacobian"` exactly when the training-mode forward pass updates
-model state (BatchNormalization's moving statistics, the seed of Dropout,
-GaussianNoise or a random augmentation layer) and `"vectorized"` otherwise. A
-custom layer that mixes examples without keeping state must be given
-`method="jacobian"`.
+`"auto"` first takes the layer rows of `_gram` (a model without state whose
+trainable layers are all Dense or Conv1D/Conv2D, and no `chunk_size`): one
+batched forward and backward pass, each layer's rows formed from its input and
+output gradient, checked against the backward pass's batch gradient, the
+general method where the check fails; the result's `method` is then
+`"layers"`. Otherwise it picks `"jacobian"` exactly when the training-mode
+forward pass updates model state (BatchNormalization's moving statistics, the
+seed of Dropout, GaussianNoise or a random augmentation layer) and
+`"vectorized"` otherwise. A custom layer that mixes examples without keeping
+state must be given `method="jacobian"`.
 """
 
 from __future__ import annotations
@@ -131,13 +136,10 @@ def compute(
     return _compute(*arguments)
 
 
-# The layer rows are used while the batch gradients they rebuild match the backward pass's to this relative
-# error: float32 rounding gives ~1e-7, a layer applied twice or a call the rules do not describe O(1).
-_LAYER_ROWS_TOLERANCE = 1e-4
-
-
 def _from_layer_rows(model, rows, captured, weights, general):
     """The `PerExample` of the layer rows, or of `general()` where their check fails (a `tf.cond`)."""
+    from keras_noisygd import _gram
+
     gradients = rows if weights is None else [tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) for g in rows]
     fast = (gradients, captured.regularization_gradients, captured.losses, captured.y_pred)
 
@@ -145,7 +147,7 @@ def _from_layer_rows(model, rows, captured, weights, general):
         result = general()
         return (result.gradients, result.regularization_gradients, result.losses, result.y_pred)
 
-    chosen = tf.cond(captured.mismatch <= _LAYER_ROWS_TOLERANCE, lambda: fast, slow)
+    chosen = tf.cond(captured.mismatch <= _gram.TOLERANCE, lambda: fast, slow)
     unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
     return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
 

@@ -225,4 +225,4 @@ def test_float32_model_is_within_float32_rounding_and_passes_the_check():
     x, y = tf.constant(rng.normal(size=(B, 784)).astype("float32")), tf.constant(rng.integers(0, 10, B))
     gram, mismatch = _gram.gram(_gram.plan(model), model, x, y)
     np.testing.assert_allclose(gram.numpy(), _reference(model, x, y), rtol=1e-4, atol=1e-6 * np.abs(gram).max())
-    assert float(mismatch) < kn.NoiseMonitor._GRAM_TOLERANCE
+    assert float(mismatch) < _gram.TOLERANCE
