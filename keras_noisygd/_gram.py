@@ -15,11 +15,11 @@ a rank-2 input).
 
 `plan(model)` checks what it can before any data (every trainable variable a
 Dense or Conv1D/Conv2D layer's kernel or bias, one output, no mixed
-precision) and builds a capture model with the same layers that also returns
-each layer's input and output. `gram(...)` then checks the rest on the traced
-step (no state update, rank-2 Dense inputs, known spatial sizes: otherwise it
-returns `None` and the caller forms `G`), and returns, next to `K`, the
-largest relative difference between the batch gradients rebuilt from the
+precision, no state, rank-2 Dense inputs, known spatial sizes) and builds a
+capture model with the same layers that also returns each layer's input and
+output. `gram(...)` and `rows(...)` return `None` (the caller forms `G`) only
+where a traced step lost a convolution's spatial sizes. Next to `K` (or the
+rows) they return the largest relative difference between the batch gradients rebuilt from the
 captured values (the biases', or the kernel's for a layer without a bias)
 and the backward pass's own: a layer applied twice, or one whose call is not
 `activation(conv_or_matmul(a, W) + b)`, shows there, and the caller forms `G`
@@ -106,7 +106,7 @@ Captured = collections.namedtuple(
 
 
 def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
-    """One batched training-mode pass of the capture model, or `None` if the examples are coupled.
+    """One batched training-mode pass of the capture model, or `None` (a convolution's sizes unknown).
 
     Returns a `Captured`: the predictions, the `[B]` per-example losses
     `s_i l_i * data_scale`, for each layer of the plan `(layer, a, d, rows)`
@@ -125,7 +125,7 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     biases = [values[id(layer.bias)] if layer.use_bias else None for layer in plan_.layers]
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(trainable)
-        outputs, new_state, reg_losses = capture_model.stateless_call(
+        outputs, _, reg_losses = capture_model.stateless_call(  # no state: `plan` refuses models with any
             [values[id(v)] for v in capture_model.trainable_variables], non_trainable, x, training=True,
             return_losses=True,
         )
@@ -137,10 +137,6 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
             tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * tf.cast(regularization_scale, dtype)
             if reg_losses else None
         )
-    if any(new is not old for new, old in zip(new_state, non_trainable)):
-        return None  # batch statistics or random layers: the examples are coupled, form G
-    if any(len(a.shape) != 2 for layer, (a, _) in zip(plan_.layers, captured) if type(layer) is keras.layers.Dense):
-        return None  # a Dense layer on a sequence sums over positions: its rows are not one outer product
     zero = tf.UnconnectedGradients.ZERO
     outs = [out for _, out in captured]
     # Keras's softmax and sigmoid keep their input on the output, and its crossentropies read the loss from
@@ -183,7 +179,7 @@ def _f64(t):
 
 
 def gram(plan_, model, x, y, sample_weight=None, loss=None):
-    """`(K, mismatch)` in float64 for the probe batch, or `None` if the model's examples are coupled.
+    """`(K, mismatch)` in float64 for the probe batch, or `None` (a convolution's sizes unknown here).
 
     `K_ij = <G_i, G_j>` for the rows of `per_example_gradients`,
     `G_i = gamma_i + r` (`gamma_i` the gradient of `s_i l_i`, `r` that of the
@@ -228,7 +224,7 @@ def gram(plan_, model, x, y, sample_weight=None, loss=None):
 
 
 def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
-    """`(G as one [B, *shape] tensor per trainable variable, Captured)`, or `None` if the examples are coupled."""
+    """`(G as one [B, *shape] tensor per trainable variable, Captured)`, or `None` (a convolution's sizes unknown)."""
     captured = capture(plan_, model, x, y, sample_weight, loss, data_scale, regularization_scale)
     if captured is None:
         return None

@@ -163,7 +163,7 @@ class NoiseMonitor(keras.callbacks.Callback):
         self._noise_configuration()  # bad settings fail here, before the first step
         self._configurations = {}  # this fit's optimizer and model
         self._gram = tf.function(self._gram_matrix, jit_compile=False)
-        self._plan = _gram.plan(self.model) if self.method == "auto" else None
+        self._plan = _gram.cached_plan(self.model) if self.method == "auto" else None
         self._layer_gram = tf.function(self._layer_gram_matrix, jit_compile=False)
         if self.log_dir is not None and self._writer is None:
             try:
@@ -233,7 +233,7 @@ class NoiseMonitor(keras.callbacks.Callback):
             if result is not None and float(result[1]) <= _gram.TOLERANCE:
                 self.gram_source = "layers"
                 return result[0].numpy()
-            self._plan = None  # the model couples, regularizes or reuses a layer: form G from now on
+            self._plan = None  # the check failed (a layer applied twice, say): form G from now on
         self.gram_source = "per_example"
         return self._gram(x, y, sample_weight).numpy()
 

@@ -104,7 +104,6 @@ def compute(
     chunk_size=None,
     method="auto",
     weights=None,
-    non_trainable_values=None,
     loss_scale=1.0,
 ):
     """The engine behind `per_example_gradients` and the `"per_example"` train step.
@@ -121,8 +120,8 @@ def compute(
     and `R` (the train step's loss scaling and `tf.distribute` share).
     """
     _check_arguments(model, chunk_size, method)
-    arguments = (model, x, y, sample_weight, loss, chunk_size, method, weights, non_trainable_values, loss_scale)
-    if method == "auto" and chunk_size is None and non_trainable_values is None:
+    arguments = (model, x, y, sample_weight, loss, chunk_size, method, weights, loss_scale)
+    if method == "auto" and chunk_size is None:
         from keras_noisygd import _gram  # it builds on this module
 
         plan = _gram.cached_plan(model)
@@ -152,11 +151,10 @@ def _from_layer_rows(model, rows, captured, weights, general):
     return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
 
 
-def _compute(model, x, y, sample_weight, loss, chunk_size, method, weights, non_trainable_values, loss_scale):
+def _compute(model, x, y, sample_weight, loss, chunk_size, method, weights, loss_scale):
     loss_fn = _loss_function(model, loss)
     trainable = [v.value for v in model.trainable_variables]
-    if non_trainable_values is None:
-        non_trainable_values = [v.value for v in model.non_trainable_variables]
+    non_trainable_values = [v.value for v in model.non_trainable_variables]
     batch_size = batch_size_of(x)
     dtype = trainable[0].dtype
     scale = tf.cast(loss_scale, dtype)

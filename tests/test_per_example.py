@@ -342,7 +342,8 @@ def _trained(engine, kind, jit_compile, chunk_size=None, optimizer=kn.NoisyGD, *
 
 @pytest.mark.parametrize(
     "kind,jit_compile,chunk_size",
-    [("regularized", False, None), ("batchnorm", True, None), ("dropout", False, 4), ("conv1d", True, 4)],
+    [("regularized", False, None), ("batchnorm", True, None), ("dropout", False, 4), ("conv1d", True, 4),
+     ("conv2d", True, None)],  # the layer rows (regularized, conv2d under XLA) and the general methods
 )
 def test_per_example_engine_trains_like_the_weighted_engine(float64, kind, jit_compile, chunk_size):
     # Same seed, same noise weights: four steps (2 per execution) of G W + grad R must equal the re-weighted
