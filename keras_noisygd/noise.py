@@ -1,38 +1,43 @@
 """Sampling-noise classes: per-example loss weights with mean 1.
 
 Every sampler here draws a vector ``m`` of per-example *loss weights* with
-``E[m_i] = 1``. Training on the re-weighted loss ``(1/B) sum_i m_i l_i`` takes
-the step ``G W`` with ``W = m / B``: the paper's multiplicative noise, in one
+``E[m_i] = 1``. Training on the re-weighted loss ``(1/N) sum_i m_i l_i`` takes
+the step ``G W`` with ``W = m / N``: the paper's multiplicative noise, in one
 backward pass. The docs' "The idea" page has the maths; the noise classes and
 their calibration follow Wu et al., ICML 2020 (https://arxiv.org/abs/1906.07405).
 
-Samplers are small frozen value objects. `sample(seed, batch_size, dtype)` is a
-pure function of its seed, built on `tf.random.stateless_*`, and compiles with
-XLA. `covariance(batch_size)` is the exact covariance of the weights in NumPy.
+Samplers are small frozen value objects. `sample(seed, num_examples, dtype)`
+is a pure function of its seed, written with `keras.ops` on the counter-based
+generator of `keras_noisygd._rng`: the same seed gives the same weights on
+TensorFlow, JAX and PyTorch, with or without XLA (bit for bit for the
+discrete classes, to float32 rounding for the Gaussian ones).
+`covariance(num_examples)` is the exact covariance of the weights in NumPy.
 
 A sampler whose noise-size parameter is `None` (``Gaussian()``,
 ``Bernoulli()``, ``SGDSampling()``, ``SparseGaussian()``) is a *template*: the
 optimizer's `emulate_batch_size=b` fills it in at every step through
-`calibrated(b, N)`, with ``N`` the actual batch size of that step.
+`calibrated(b, N)`, with ``N`` the number of examples of that step.
 
 Conventions:
     * Noise is a per-example loss weight with mean 1, not an additive or a
       per-coordinate perturbation of the gradient.
-    * ``N`` is the population the emulated SGD batch ``b`` is drawn from: the
-      whole training set for full-batch noisy GD, the actual batch for the
-      large-batch variant.
+    * ``N`` (`num_examples`) is the population the emulated SGD batch ``b``
+      (`batch_size`) is drawn from: the whole training set for full-batch noisy
+      GD, the actual batch for the large-batch variant.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import ClassVar, Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+from keras_noisygd import _rng
+from keras_noisygd._checks import at_most, check_bool, check_int, check_real, guarded, is_static
 
 __all__ = [
     "Sampler",
@@ -50,136 +55,43 @@ _register = keras.saving.register_keras_serializable(package="keras_noisygd")
 
 
 # --------------------------------------------------------------------------
-# Validation and scalar helpers (Python numbers at build time, tensors inside
-# a traced step where the batch size is only known at run time).
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_real(name, value, rule, ok):
-    if value is None or tf.is_tensor(value):
-        return
-    if not _is_number(value) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"Argument `{name}` must be {rule}. Received: {name}={value!r}")
-
-
-def _check_int(name, value, minimum):
-    if value is None or tf.is_tensor(value):
-        return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(
-            f"Argument `{name}` must be an integer >= {minimum}. Received: {name}={value!r}"
-        )
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"Argument `{name}` must be True or False. Received: {name}={value!r}")
-
-
-def check_at_most(name, value, limit_name, limit):
-    """`value <= limit`: raised now for Python ints; a list of run-time conditions for tensors."""
-    if not tf.is_tensor(value) and not tf.is_tensor(limit):
-        if value > limit:
-            raise ValueError(
-                f"Argument `{name}` must be <= {limit_name}. "
-                f"Received: {name}={value}, {limit_name}={limit}"
-            )
-        return []
-    ok = tf.cast(value, tf.int64) <= tf.cast(limit, tf.int64)
-    message = [f"Argument `{name}` must be <= {limit_name}. Received: {name}=", value, f"{limit_name}=", limit]
-    return [(ok, message)]
-
-
-def guarded(weights, conditions):
-    """`weights`, checked against run-time `(condition, message)` pairs.
-
-    A message is a string or a list of strings and tensors (printed in turn).
-
-    Without XLA a failed condition raises `InvalidArgumentError` with its
-    message. XLA drops assertions, so the weights are also replaced by NaN:
-    the loss turns NaN (which `keras.callbacks.TerminateOnNaN` stops on) rather
-    than training silently with the wrong noise.
-    """
-    if not conditions:
-        return weights
-    asserts = [
-        tf.debugging.Assert(ok, [message] if isinstance(message, str) else message) for ok, message in conditions
-    ]
-    all_ok = tf.reduce_all(tf.stack([ok for ok, _ in conditions]))
-    with tf.control_dependencies(asserts):
-        return tf.where(all_ok, weights, tf.constant(float("nan"), weights.dtype))
+# Scalar helpers: Python numbers at build time, tensors inside a traced step
+# where the batch size or a scheduled `b` is only known at run time.
 
 
 def _sqrt(x):
-    return tf.sqrt(x) if tf.is_tensor(x) else math.sqrt(x)
+    return math.sqrt(x) if is_static(x) else ops.sqrt(x)
 
 
 def _maximum(x, y):
-    return tf.maximum(x, y) if tf.is_tensor(x) else max(x, y)
+    return max(x, y) if is_static(x) else ops.maximum(x, y)
 
 
-def _as_tensor(x, dtype):
-    """`x` in `dtype`; a Python float goes straight there (`tf.cast` would round it through float32)."""
-    return tf.cast(x, dtype) if tf.is_tensor(x) else tf.constant(x, dtype)
+# Run-time sizes are calibrated in float64 where the backend has it (JAX has not, by default).
+_CALIBRATION_DTYPE = "float32" if keras.backend.backend() == "jax" else "float64"
 
 
 def _as_float(n):
-    return tf.cast(n, tf.float64) if tf.is_tensor(n) else float(n)
+    return float(n) if is_static(n) else ops.cast(n, _CALIBRATION_DTYPE)
 
 
-def _as_seed(seed) -> tf.Tensor:
-    """A stateless seed: an int becomes ``[seed, 0]``; a shape-[2] tensor is kept."""
-    if isinstance(seed, numbers.Integral):
-        return tf.constant([int(seed), 0], tf.int64)
-    seed = tf.convert_to_tensor(seed)
-    if seed.shape.rank != 1 or seed.shape[0] != 2 or not seed.dtype.is_integer:
+def _as_seed(seed):
+    """A stateless seed: an int becomes ``[seed, 0]``; a shape-[2] integer tensor is kept."""
+    if is_static(seed):
+        if isinstance(seed, (bool, np.bool_)) or not float(seed).is_integer() or not 0 <= seed < 2**32:
+            raise ValueError(
+                "Argument `seed` must be a Python int in [0, 2**32) or an integer tensor of shape [2]. "
+                f"Received: seed={seed!r}"
+            )
+        seed = int(seed)
+        return ops.convert_to_tensor(np.array([seed, 0], np.uint32 if keras.backend.backend() == "jax" else np.int64))
+    seed = ops.convert_to_tensor(seed)
+    if len(seed.shape) != 1 or seed.shape[0] != 2 or "int" not in keras.backend.standardize_dtype(seed.dtype):
         raise ValueError(
             "Argument `seed` must be a Python int or an integer tensor of shape [2]. "
-            f"Received: seed with dtype {seed.dtype.name} and shape {seed.shape}"
+            f"Received: seed with dtype {keras.backend.standardize_dtype(seed.dtype)} and shape {tuple(seed.shape)}"
         )
     return seed
-
-
-def _random_bits(seed, shape):
-    """Full-range int64 random bits: the one stream all samplers draw from.
-
-    TensorFlow's float kernels for stateless uniform and normal draw different
-    numbers under XLA; this integer stream is the same with and without
-    `jit_compile` as long as both seed entries lie in [0, 2**32) (seeds from
-    `stateless_split` do not), so the weights agree across the two modes.
-    Floats are derived from it below.
-    """
-    return tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.int64)
-
-
-def _uniform(bits):
-    """float64 uniforms in [0, 1) from the top 53 of each 64 random bits."""
-    top53 = tf.bitwise.right_shift(bits, 11) + 2**52
-    return tf.cast(top53, tf.float64) * 2.0**-53
-
-
-def _normal(bits, dtype):
-    """Standard normals by Box-Muller from a `[2, n]` block of random bits."""
-    u = _uniform(bits)
-    radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))
-    return tf.cast(radius * tf.cos(2.0 * math.pi * u[1]), dtype)
-
-
-def _subset(keys, k):
-    """A boolean mask of a uniform random k-subset (`1 <= k <= n`), from i.i.d. int64 keys (XLA-compilable).
-
-    The k smallest keys form a uniform k-subset (ties have probability
-    ~n^2/2^64): the mask is `keys <= ` the k-th smallest key. One sort (2-3x
-    faster than ranking by a double argsort under XLA on CPU); sorting compiles
-    under XLA, `stateless_shuffle` does not.
-    """
-    n = tf.shape(keys, out_type=tf.int64)[0]
-    # Clamped, so that k > n reaches the sampler's own run-time check (`guarded`) instead of a gather error.
-    threshold = tf.gather(tf.sort(keys), tf.clip_by_value(tf.cast(k, tf.int64), 1, n) - 1)
-    return keys <= threshold
 
 
 def _centering(n):
@@ -195,53 +107,60 @@ class Sampler:
 
     Subclasses are frozen dataclasses that implement `_sample` and
     `covariance`; templates also implement `emulating`. Any object with a
-    `sample(seed, batch_size, dtype)` method can stand in for a `Sampler`.
+    `sample(seed, num_examples, dtype)` method can stand in for a `Sampler`.
     """
 
-    name: ClassVar[str] = "sampler"
+    _name: ClassVar[str] = "sampler"
     _calibrated_field: ClassVar[Optional[str]] = None
 
     # -- public API -------------------------------------------------------
-    def sample(self, seed, batch_size, dtype="float32") -> tf.Tensor:
+    @property
+    def name(self) -> str:
+        """The noise class's name in `NAMES`."""
+        return self._name
+
+    def sample(self, seed, num_examples, dtype="float32"):
         """Draws the loss weights of one step.
 
         Args:
             seed: A Python int or an integer tensor of shape `[2]` (a stateless
-                seed). The same seed always gives the same weights.
-            batch_size: Number of examples `N`: a Python int, or a scalar int
+                seed, entries in `[0, 2**32)`). The same seed always gives the
+                same weights, on every backend.
+            num_examples: Number of examples `N`: a Python int, or a scalar int
                 tensor inside a traced step.
             dtype: Floating dtype of the weights. Defaults to `"float32"`.
 
         Returns:
-            A `[batch_size]` tensor `m` with `E[m_i] = 1`.
+            A `[num_examples]` tensor `m` with `E[m_i] = 1`.
         """
         if self.is_template:
             raise ValueError(
                 f"{type(self).__name__}.{self._calibrated_field} is None, so this sampler is a "
                 "template: pass `emulate_batch_size=b` to the optimizer or build it with "
-                f"`{type(self).__name__}.emulating(b, N)`."
+                f"`{type(self).__name__}.emulating(batch_size=b, num_examples=N)`."
             )
-        _check_int("batch_size", batch_size, 1)
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise ValueError(f"Argument `dtype` must be a floating dtype. Received: dtype={dtype.name!r}")
-        conditions = self._check_batch(batch_size)
-        return guarded(self._sample(_as_seed(seed), batch_size, dtype), conditions)
+        num_examples = check_int("num_examples", num_examples, 1)
+        dtype = keras.backend.standardize_dtype(dtype)
+        if not keras.backend.is_float_dtype(dtype):
+            raise ValueError(f"Argument `dtype` must be a floating dtype. Received: dtype={dtype!r}")
+        conditions = self._check_examples(num_examples)
+        return guarded(self._sample(_as_seed(seed), num_examples, dtype), conditions)
 
-    def covariance(self, batch_size: int) -> np.ndarray:
-        """The exact `[batch_size, batch_size]` covariance matrix of the weights (NumPy)."""
+    def covariance(self, num_examples: int) -> np.ndarray:
+        """The exact `[num_examples, num_examples]` covariance matrix of the weights (NumPy)."""
         raise NotImplementedError
 
     @classmethod
-    def emulating(cls, b, N, **kwargs) -> "Sampler":
+    def emulating(cls, batch_size, num_examples, **kwargs) -> "Sampler":
         """This noise class calibrated to the covariance of SGD with batch `b` out of `N`.
 
         Args:
-            b: The emulated SGD batch size, `1 <= b <= N` (checked here when `N`
-                is a Python int; a tensor `N` is checked by the sampler's user,
-                e.g. `NoiseMixin.noise_weights`).
-            N: The population the batch is drawn from: the training-set size for
-                full-batch noisy GD, the actual batch size for the large-batch variant.
+            batch_size: The emulated SGD batch size `b`, `1 <= b <= N` (checked
+                here when `N` is a number; a tensor `N` is checked by the
+                sampler's user, e.g. `NoiseMixin.noise_weights`).
+            num_examples: The population `N` the batch is drawn from: the
+                training-set size for full-batch noisy GD, the actual batch size
+                for the large-batch variant.
             **kwargs: The class's structural arguments (`centered`, `replacement`,
                 `num_noisy`).
 
@@ -250,14 +169,14 @@ class Sampler:
         """
         raise NotImplementedError
 
-    def calibrated(self, b, N) -> "Sampler":
-        """This template's class calibrated to emulate SGD(`b`) out of `N`; see `emulating`."""
+    def calibrated(self, batch_size, num_examples) -> "Sampler":
+        """This template's class calibrated to emulate SGD(`batch_size`) out of `num_examples`; see `emulating`."""
         structure = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name != self._calibrated_field
         }
-        return type(self).emulating(b, N, **structure)
+        return type(self).emulating(batch_size, num_examples, **structure)
 
     @property
     def is_template(self) -> bool:
@@ -278,8 +197,20 @@ class Sampler:
     def _sample(self, seed, n, dtype):
         raise NotImplementedError
 
-    def _check_batch(self, n):
+    def _check_examples(self, n):
         return []
+
+
+def _emulated(batch_size, num_examples):
+    """Checks `1 <= b <= N` (now for numbers); `(b, N)` as Python numbers or float tensors."""
+    batch_size = check_int("batch_size", batch_size, 1)
+    at_most("batch_size", batch_size, "num_examples", num_examples)
+    return _as_float(batch_size), _as_float(num_examples)
+
+
+def _constant(x, dtype):
+    """`x` in `dtype`; a Python float goes straight there (not through float32)."""
+    return ops.convert_to_tensor(x, dtype) if is_static(x) else ops.cast(x, dtype)
 
 
 @_register
@@ -294,16 +225,16 @@ class NoNoise(Sampler):
     ```
     """
 
-    name: ClassVar[str] = "none"
+    _name: ClassVar[str] = "none"
 
     def _sample(self, seed, n, dtype):
-        return tf.ones([n], dtype)
+        return ops.ones([n], dtype)
 
-    def covariance(self, batch_size):
-        return np.zeros((batch_size, batch_size))
+    def covariance(self, num_examples):
+        return np.zeros((num_examples, num_examples))
 
     @classmethod
-    def emulating(cls, b, N):
+    def emulating(cls, batch_size, num_examples):
         """`NoNoise()`: there is nothing to calibrate."""
         return cls()
 
@@ -329,32 +260,30 @@ class SGDSampling(Sampler):
 
     batch_size: Optional[int] = None
     replacement: bool = False
-    name: ClassVar[str] = "sgd"
+    _name: ClassVar[str] = "sgd"
     _calibrated_field: ClassVar[str] = "batch_size"
 
     def __post_init__(self):
-        _check_int("batch_size", self.batch_size, 1)
-        _check_bool("replacement", self.replacement)
+        object.__setattr__(self, "batch_size", check_int("batch_size", self.batch_size, 1, allow_none=True))
+        check_bool("replacement", self.replacement)
 
-    def _check_batch(self, n):
+    def _check_examples(self, n):
         if self.replacement:
             return []
-        return check_at_most("batch_size", self.batch_size, "the number of examples N", n)
+        return at_most("batch_size", self.batch_size, "the number of examples N", n)
 
     def _sample(self, seed, n, dtype):
-        scale = tf.cast(n, dtype) / tf.cast(self.batch_size, dtype)
+        scale = _constant(n, dtype) / _constant(self.batch_size, dtype)
         if self.replacement:
-            draws = tf.random.stateless_uniform(
-                [self.batch_size], seed, minval=0, maxval=tf.cast(n, tf.int64), dtype=tf.int64
-            )
-            counts = tf.tensor_scatter_nd_add(
-                tf.zeros([n], dtype), draws[:, None], tf.ones([self.batch_size], dtype)
-            )
+            w, _ = _rng.words(seed, self.batch_size, 0)
+            draws = ops.cast(_rng.below(w, n), "int32")
+            counts = ops.segment_sum(ops.ones([self.batch_size], dtype), draws, num_segments=n)
             return scale * counts
-        return scale * tf.cast(_subset(_random_bits(seed, [n]), self.batch_size), dtype)
+        w, _ = _rng.words(seed, n, 0)
+        return scale * ops.cast(_rng.smallest(w, self.batch_size), dtype)
 
-    def covariance(self, batch_size):
-        N, b = batch_size, self.batch_size
+    def covariance(self, num_examples):
+        N, b = num_examples, self.batch_size
         if self.replacement:
             return (N / b) * _centering(N)
         if N == 1:
@@ -362,12 +291,12 @@ class SGDSampling(Sampler):
         return N * (N - b) / (b * (N - 1)) * _centering(N)
 
     @classmethod
-    def emulating(cls, b, N, replacement=False):
-        """`SGDSampling(b, replacement)`: exact by construction (checks `b <= N`)."""
-        _check_int("b", b, 1)
+    def emulating(cls, batch_size, num_examples, replacement=False):
+        """`SGDSampling(batch_size, replacement)`: exact by construction (checks `b <= N`)."""
+        batch_size = check_int("batch_size", batch_size, 1)
         if not replacement:
-            check_at_most("b", b, "N", N)
-        return cls(batch_size=b, replacement=replacement)
+            at_most("batch_size", batch_size, "num_examples", num_examples)
+        return cls(batch_size=batch_size, replacement=replacement)
 
 
 @_register
@@ -381,6 +310,10 @@ class Gaussian(Sampler):
     `Cov[m] = std^2 (I - 11^T/N)`; with `std^2 = N(N-b)/(b(N-1))` this is exactly
     SGD(`b`)'s covariance.
 
+    `eps` comes from Box-Muller on 24-bit uniforms in the weights' dtype, so
+    `|eps| < 5.8`: the tail beyond 5.8 standard deviations (probability 7e-9)
+    is cut.
+
     Args:
         std: Standard deviation of each weight before centring. `None` makes a
             template filled in by the optimizer's `emulate_batch_size`.
@@ -390,7 +323,7 @@ class Gaussian(Sampler):
     Example:
 
     ```python
-    noise = keras_noisygd.noise.Gaussian.emulating(b=32, N=1000, centered=True)
+    noise = keras_noisygd.noise.Gaussian.emulating(batch_size=32, num_examples=1000, centered=True)
     noise.std   # sqrt(1000 * 968 / (32 * 999)) = 5.503
     ```
     """
@@ -400,29 +333,27 @@ class Gaussian(Sampler):
     _calibrated_field: ClassVar[str] = "std"
 
     def __post_init__(self):
-        _check_real("std", self.std, "a finite number >= 0", lambda v: v >= 0)
-        _check_bool("centered", self.centered)
+        check_real("std", self.std, "a finite number >= 0", lambda v: v >= 0)
+        check_bool("centered", self.centered)
 
     @property
     def name(self):
         return "gaussian_centered" if self.centered else "gaussian"
 
     def _sample(self, seed, n, dtype):
-        eps = _normal(_random_bits(seed, [2, n]), dtype)
+        eps = _rng.normal(*_rng.words(seed, n, 0), dtype)
         if self.centered:
-            eps = eps - tf.reduce_mean(eps)
-        return 1 + _as_tensor(self.std, dtype) * eps
+            eps = eps - ops.mean(eps)
+        return 1 + _constant(self.std, dtype) * eps
 
-    def covariance(self, batch_size):
-        base = _centering(batch_size) if self.centered else np.eye(batch_size)
+    def covariance(self, num_examples):
+        base = _centering(num_examples) if self.centered else np.eye(num_examples)
         return self.std**2 * base
 
     @classmethod
-    def emulating(cls, b, N, centered=False):
+    def emulating(cls, batch_size, num_examples, centered=False):
         """`std^2 = N/b` (uncentred) or `N(N-b)/(b(N-1))` (centred)."""
-        _check_int("b", b, 1)
-        check_at_most("b", b, "N", N)
-        n = _as_float(N)
+        b, n = _emulated(batch_size, num_examples)
         if centered:
             # N = 1 forces b = 1, where SGD has no noise (0/0 otherwise).
             variance = n * (n - b) / (b * _maximum(n - 1, 1.0))
@@ -437,7 +368,9 @@ class Bernoulli(Sampler):
     """Bernoulli noise: `m_i = 1/p` with probability `p`, else 0, independently.
 
     `Cov[m] = (1/p - 1) I`; `p = b/N` matches SGD(`b`)'s variance per example
-    (SGD's examples are negatively correlated, these are independent).
+    (SGD's examples are negatively correlated, these are independent). The
+    draw compares a 24-bit uniform with `p` in float32, so the keep
+    probability is `p` rounded up to a multiple of `2**-24`.
 
     Args:
         p: Keep probability in `(0, 1]`; `p = 1` is no noise. `None` makes a
@@ -446,25 +379,25 @@ class Bernoulli(Sampler):
     """
 
     p: Optional[float] = None
-    name: ClassVar[str] = "bernoulli"
+    _name: ClassVar[str] = "bernoulli"
     _calibrated_field: ClassVar[str] = "p"
 
     def __post_init__(self):
-        _check_real("p", self.p, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_real("p", self.p, "in (0, 1]", lambda v: 0 < v <= 1)
 
     def _sample(self, seed, n, dtype):
-        keep = _uniform(_random_bits(seed, [n])) < _as_tensor(self.p, tf.float64)  # float64: p = 1 keeps all
-        return tf.cast(keep, dtype) / _as_tensor(self.p, dtype)
+        w, _ = _rng.words(seed, n, 0)
+        keep = ops.less(_rng.uniform(w), _constant(self.p, "float32"))  # u < 1 = p keeps all
+        return ops.cast(keep, dtype) / _constant(self.p, dtype)
 
-    def covariance(self, batch_size):
-        return (1 / self.p - 1) * np.eye(batch_size)
+    def covariance(self, num_examples):
+        return (1 / self.p - 1) * np.eye(num_examples)
 
     @classmethod
-    def emulating(cls, b, N):
+    def emulating(cls, batch_size, num_examples):
         """`p = b / N`."""
-        _check_int("b", b, 1)
-        check_at_most("b", b, "N", N)
-        return cls(p=b / _as_float(N))
+        b, n = _emulated(batch_size, num_examples)
+        return cls(p=b / n)
 
 
 @_register
@@ -493,9 +426,10 @@ class SparseGaussian(Sampler):
     _calibrated_field: ClassVar[str] = "std"
 
     def __post_init__(self):
-        _check_bool("centered", self.centered)
-        _check_int("num_noisy", self.num_noisy, 2 if self.centered else 1)
-        _check_real("std", self.std, "a finite number >= 0", lambda v: v >= 0)
+        check_bool("centered", self.centered)
+        minimum = 2 if self.centered else 1
+        object.__setattr__(self, "num_noisy", check_int("num_noisy", self.num_noisy, minimum, allow_none=True))
+        check_real("std", self.std, "a finite number >= 0", lambda v: v >= 0)
         if self.std is not None and self.num_noisy is None:
             raise ValueError(
                 "Argument `num_noisy` is required when `std` is given. "
@@ -506,38 +440,34 @@ class SparseGaussian(Sampler):
     def name(self):
         return "sparse_gaussian_centered" if self.centered else "sparse_gaussian"
 
-    def _check_batch(self, n):
-        conditions = check_at_most("num_noisy", self.num_noisy, "the number of examples N", n)
-        if self.centered and tf.is_tensor(self.num_noisy):  # k = b from a schedule: centring needs k >= 2
+    def _check_examples(self, n):
+        conditions = at_most("num_noisy", self.num_noisy, "the number of examples N", n)
+        if self.centered and not is_static(self.num_noisy):  # k = b from a schedule: centring needs k >= 2
             message = ["Argument `num_noisy` must be >= 2 when centred. Received: num_noisy=", self.num_noisy]
-            conditions.append((self.num_noisy >= 2, message))
+            conditions.append((ops.greater_equal(self.num_noisy, 2), message))
         return conditions
 
     def _sample(self, seed, n, dtype):
-        bits = _random_bits(seed, [3, n])
-        mask = tf.cast(_subset(bits[0], self.num_noisy), dtype)
-        eps = _normal(bits[1:], dtype) * mask
+        mask = ops.cast(_rng.smallest(_rng.words(seed, n, 0)[0], self.num_noisy), dtype)
+        eps = _rng.normal(*_rng.words(seed, n, 1), dtype) * mask
         if self.centered:
-            eps = (eps - tf.reduce_sum(eps) / tf.cast(self.num_noisy, dtype)) * mask
-        return 1 + _as_tensor(self.std, dtype) * eps
+            eps = (eps - ops.sum(eps) / _constant(self.num_noisy, dtype)) * mask
+        return 1 + _constant(self.std, dtype) * eps
 
-    def covariance(self, batch_size):
-        N, k, s2 = batch_size, self.num_noisy, self.std**2
+    def covariance(self, num_examples):
+        N, k, s2 = num_examples, self.num_noisy, self.std**2
         if self.centered:
             return s2 * (k - 1) / (N - 1) * _centering(N)
         return s2 * k / N * np.eye(N)
 
     @classmethod
-    def emulating(cls, b, N, num_noisy=None, centered=False):
+    def emulating(cls, batch_size, num_examples, num_noisy=None, centered=False):
         """`std = N / sqrt(b k)` (uncentred) or `std^2 = N(N-b)/(b(k-1))` (centred); `k` defaults to `b`."""
-        _check_int("b", b, 1)
-        k = b if num_noisy is None else num_noisy
-        _check_int("num_noisy", k, 2 if centered else 1)
-        check_at_most("b", b, "N", N)
-        n = _as_float(N)
-        variance = n * (n - b) / (b * (k - 1)) if centered else n * n / (b * k)
+        b, n = _emulated(batch_size, num_examples)
+        k = check_int("num_noisy", batch_size if num_noisy is None else num_noisy, 2 if centered else 1)
+        k_ = _as_float(k)
+        variance = n * (n - b) / (b * (k_ - 1)) if centered else n * n / (b * k_)
         return cls(num_noisy=k, std=_sqrt(variance), centered=centered)
-
 
 # --------------------------------------------------------------------------
 # Names and (de)serialization.
@@ -563,7 +493,7 @@ def get(identifier):
     Args:
         identifier: One of `NAMES` (which gives a template, to be calibrated by
             the optimizer's `emulate_batch_size`), a dict from `serialize`, or
-            any object with a `sample(seed, batch_size, dtype)` method, returned
+            any object with a `sample(seed, num_examples, dtype)` method, returned
             as it is.
 
     Returns:
@@ -588,7 +518,7 @@ def get(identifier):
         return identifier
     raise ValueError(
         "Argument `noise` must be a noise name, a sampler (an object with a "
-        "`sample(seed, batch_size, dtype)` method) or a sampler config. "
+        "`sample(seed, num_examples, dtype)` method) or a sampler config. "
         f"Received: noise={identifier!r}"
     )
 

@@ -1,6 +1,7 @@
 """Samplers against paper-notes sections 3 and 6: mean, covariance, calibration, purity."""
 
 import numpy as np
+import rng_reference
 import pytest
 import tensorflow as tf
 
@@ -156,19 +157,19 @@ BAD = [
     (lambda: noise.Gaussian(1.0, centered="yes"), r"Argument `centered` must be True or False"),
     (lambda: noise.Bernoulli(1.5), r"Argument `p` must be in \(0, 1\]. Received: p=1.5"),
     (lambda: noise.Bernoulli(0.0), r"Received: p=0.0"),
-    (lambda: noise.SGDSampling(0), r"Argument `batch_size` must be an integer >= 1. Received: batch_size=0"),
+    (lambda: noise.SGDSampling(0), r"Argument `batch_size` must be None or an integer >= 1. Received: batch_size=0"),
     (lambda: noise.SGDSampling(2.5), r"Received: batch_size=2.5"),
     (lambda: noise.SGDSampling(True), r"Received: batch_size=True"),
-    (lambda: noise.SparseGaussian(0, 1.0), r"Argument `num_noisy` must be an integer >= 1. Received: num_noisy=0"),
-    (lambda: noise.SparseGaussian(1, 1.0, centered=True), r"`num_noisy` must be an integer >= 2. Received: num_noisy=1"),
+    (lambda: noise.SparseGaussian(0, 1.0), r"Argument `num_noisy` must be None or an integer >= 1. Received: num_noisy=0"),
+    (lambda: noise.SparseGaussian(1, 1.0, centered=True), r"`num_noisy` must be None or an integer >= 2. Received: num_noisy=1"),
     (lambda: noise.SparseGaussian(None, 1.0), r"`num_noisy` is required when `std` is given"),
     (lambda: noise.SGDSampling(9).sample(0, N), r"`batch_size` must be <= the number of examples N. Received: batch_size=9"),
     (lambda: noise.SparseGaussian(9, 1.0).sample(0, N), r"`num_noisy` must be <= the number of examples N"),
-    (lambda: noise.Gaussian(1.0).sample(0, 0), r"`batch_size` must be an integer >= 1. Received: batch_size=0"),
+    (lambda: noise.Gaussian(1.0).sample(0, 0), r"`num_examples` must be an integer >= 1. Received: num_examples=0"),
     (lambda: noise.Gaussian(1.0).sample([1, 2, 3], N), r"`seed` must be a Python int or an integer tensor of shape \[2\]"),
     (lambda: noise.Gaussian().sample(0, N), r"Gaussian.std is None, so this sampler is a template"),
-    (lambda: noise.Gaussian.emulating(9, N), r"Argument `b` must be <= N. Received: b=9, N=8"),
-    (lambda: noise.Bernoulli.emulating(0, N), r"Argument `b` must be an integer >= 1. Received: b=0"),
+    (lambda: noise.Gaussian.emulating(9, N), r"Argument `batch_size` must be <= num_examples. Received: batch_size=9, num_examples=8"),
+    (lambda: noise.Bernoulli.emulating(0, N), r"Argument `batch_size` must be an integer >= 1. Received: batch_size=0"),
     (lambda: noise.get("gausian"), r"Argument `noise` must be one of \['none', 'sgd'.*Received: noise='gausian'"),
     (lambda: noise.get(3), r"Argument `noise` must be a noise name.*Received: noise=3"),
 ]
@@ -192,15 +193,12 @@ def test_too_small_dynamic_batch_fails_at_run_time(sampler):
 
 
 def test_float64_weights_keep_full_precision():
-    # Numpy Box-Muller on the same random bits: a Python std rounded through
-    # float32 (tf.cast of a Python float) would be off by ~1e-8.
-    from keras_noisygd.noise import _random_bits
-
-    seed = tf.constant([17, 2], tf.int64)
-    bits = _random_bits(seed, [2, N]).numpy()
-    u = ((bits >> 11) + 2**52).astype(np.float64) * 2.0**-53
-    eps = np.sqrt(-2 * np.log1p(-u[0])) * np.cos(2 * np.pi * u[1])
-    got = noise.Gaussian(0.3).sample(seed, N, "float64").numpy()
-    np.testing.assert_allclose(got, 1 + 0.3 * eps, rtol=0, atol=1e-15)
-    keep = ((_random_bits(seed, [N]).numpy() >> 11) + 2**52) * 2.0**-53 < 0.3
+    # The weights are 1 + std * eps with eps computed in float64; a Python std must enter in float64 (rounded
+    # through float32 it would be off by ~1e-8 relative), so (m - 1) / std is the same eps for any std.
+    seed = [17, 2]
+    eps = [(noise.Gaussian(std).sample(seed, N, "float64").numpy() - 1) / std for std in (0.3, 0.7)]
+    np.testing.assert_allclose(eps[0], eps[1], rtol=1e-14)
+    reference = rng_reference.gaussian(seed, N, 1.0) - 1  # NumPy Box-Muller on the same bits, float64
+    np.testing.assert_allclose(eps[0], reference, rtol=1e-13, atol=1e-13)  # float64 log/cos on both sides
+    keep = rng_reference.uniform(rng_reference.words(seed, N, 0)[0]) < np.float32(0.3)
     np.testing.assert_array_equal(noise.Bernoulli(0.3).sample(seed, N, "float64").numpy(), keep / 0.3)
