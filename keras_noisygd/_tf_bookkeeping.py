@@ -10,7 +10,37 @@ import threading
 
 import tensorflow as tf
 
-from keras_noisygd import noise as noise_lib
+from keras_noisygd._checks import check_int
+
+
+def asserted(weights, conditions):
+    """`weights` after run-time assertions of `(condition, message)` pairs (raise without XLA; XLA drops them)."""
+    asserts = [
+        tf.debugging.Assert(ok, [message] if isinstance(message, str) else message) for ok, message in conditions
+    ]
+    with tf.control_dependencies(asserts):
+        return tf.identity(weights)
+
+
+def gradients(loss_fn, variables):
+    """The gradients of `loss_fn()` with respect to `variables()` (a tape).
+
+    `variables` is a function: a model that is not built yet creates its
+    variables in the forward pass, so they are listed after it.
+    """
+    with tf.GradientTape() as tape:
+        value = loss_fn()
+    return tape.gradient(value, variables())
+
+
+def apply_gradients(optimizer, gradients, variables):
+    """`optimizer.apply_gradients` of the step."""
+    optimizer.apply_gradients(zip(gradients, variables))
+
+
+def num_replicas():
+    """The replicas in sync of the current `tf.distribute` strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def checked_batch_size(batch_size):
@@ -20,8 +50,7 @@ def checked_batch_size(batch_size):
     an empty batch as NaN, so `keras.callbacks.TerminateOnNaN` stops.
     """
     if not tf.is_tensor(batch_size):
-        noise_lib._check_int("batch_size", batch_size, 1)
-        return batch_size
+        return check_int("batch_size", batch_size, 1)
     message = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size=",
                batch_size]
     with tf.control_dependencies([tf.debugging.Assert(batch_size >= 1, message)]):
@@ -42,7 +71,7 @@ class DrawnGraphs:
     def __init__(self):
         self._graphs = {}
 
-    def mark(self):
+    def mark(self, token=None):
         self._graphs[threading.get_ident()] = _current_graph()
 
     def pop(self):
@@ -78,7 +107,7 @@ def _current_graph():
     return _EAGER if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
 
 
-def drawn_in_enclosing_graph(drawn):
+def drawn_in_enclosing_graph(drawn, token=None):
     """Whether the weights were drawn in the current graph or one it is nested in (tf.cond)."""
     if drawn is None:
         return False

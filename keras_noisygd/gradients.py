@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
+from keras import ops, tree
 
-__all__ = ["noisy_gradients", "combine_weights", "batch_size_of"]
+if keras.backend.backend() == "tensorflow":
+    from keras_noisygd import _tf_bookkeeping as _bookkeeping
+else:
+    from keras_noisygd import _bookkeeping
+
+__all__ = ["noisy_gradients"]
 
 
 def batch_size_of(x):
     """Number of examples in `x` (a tensor or a nest of tensors): a Python int when static."""
-    first = next(t for t in tf.nest.flatten(x) if t is not None)
-    static = tf.TensorShape(first.shape)[0]
-    return static if static is not None else tf.shape(first)[0]
+    first = next(t for t in tree.flatten(x) if t is not None)
+    static = first.shape[0]
+    return int(static) if static is not None else ops.shape(first)[0]
 
 
 def combine_weights(sample_weight, weights):
@@ -28,12 +33,12 @@ def combine_weights(sample_weight, weights):
     def times(w):
         if w is None:
             return weights
-        w = tf.cast(w, weights.dtype)
-        if w.shape.rank is None:
+        w = ops.cast(w, weights.dtype)
+        if w.shape is None or len(w.shape) is None:
             raise ValueError(f"Argument `sample_weight` must have a known rank. Received: sample_weight={w!r}")
-        return w * tf.reshape(weights, [-1] + [1] * (w.shape.rank - 1))
+        return w * ops.reshape(weights, [-1] + [1] * (len(w.shape) - 1))
 
-    return tf.nest.map_structure(times, sample_weight)
+    return tree.map_structure(times, sample_weight)
 
 
 def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
@@ -62,6 +67,10 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
         sample_weight: Optional user weights, multiplied with `weights`.
             Defaults to `None`.
 
+    Works on every backend (on JAX through `jax.grad` over the variables'
+    values; state updates of the forward pass, such as BatchNormalization's
+    moving statistics, are then not kept).
+
     Returns:
         A list of gradients, one per `model.trainable_variables`. Under mixed
         precision, scale the loss yourself or use `NoisyModel.fit`, which goes
@@ -76,16 +85,18 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
     ```
     """
     weights = combine_weights(sample_weight, weights)
-    with tf.GradientTape() as tape:
+
+    def weighted_loss():
         y_pred = model(x, training=True)
         if loss is None:
-            value = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weights, training=True)
-        else:
-            value = _weighted_loss(keras.losses.get(loss), y, y_pred, weights)
-            if model.losses:
-                regularization = tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
-                value = value + _replica_share(regularization)
-    return tape.gradient(value, model.trainable_variables)
+            return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weights, training=True)
+        value = _weighted_loss(keras.losses.get(loss), y, y_pred, weights)
+        if model.losses:
+            regularization = ops.sum(ops.stack([ops.cast(v, value.dtype) for v in model.losses]))
+            value = value + _replica_share(regularization)
+        return value
+
+    return _bookkeeping.gradients(weighted_loss, lambda: model.trainable_variables)
 
 
 def _replica_share(value):
@@ -95,20 +106,20 @@ def _replica_share(value):
     share: the batch mean over `R` replicas' equal batches is the sum of their
     means over `R`, and a regularization term is counted once.
     """
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    replicas = _bookkeeping.num_replicas()
     return value / replicas if replicas > 1 else value
 
 
 def _weighted_loss(loss_fn, y, y_pred, weights):
     if isinstance(loss_fn, keras.losses.Loss):
         return loss_fn(y, y_pred, sample_weight=weights)
-    per_example = tf.convert_to_tensor(loss_fn(y, y_pred))
-    if per_example.shape.rank == 0:
+    per_example = ops.convert_to_tensor(loss_fn(y, y_pred))
+    if len(per_example.shape) == 0:
         raise ValueError(
             "Argument `loss` must return one loss value per example to be re-weighted by the "
             f"noise. Received: a loss {loss_fn!r} that returns a scalar"
         )
-    weights = tf.cast(weights, per_example.dtype)
-    if weights.shape.rank != per_example.shape.rank:  # [B] weights on [B, T, ...] losses
-        weights = tf.reshape(weights, [-1] + [1] * (per_example.shape.rank - 1))
-    return _replica_share(tf.reduce_mean(weights * per_example))
+    weights = ops.cast(weights, per_example.dtype)
+    if len(weights.shape) != len(per_example.shape):  # [B] weights on [B, T, ...] losses
+        weights = ops.reshape(weights, [-1] + [1] * (len(per_example.shape) - 1))
+    return _replica_share(ops.mean(weights * per_example))

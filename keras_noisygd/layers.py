@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 __all__ = ["GhostBatchNormalization"]
 
@@ -132,45 +132,47 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
             )
         # As BatchNormalization: float16/bfloat16 inputs are normalized in float32.
         dtype = keras.backend.result_type(inputs.dtype, "float32")
-        x = tf.cast(inputs, dtype)
+        x = ops.cast(inputs, dtype)
         rank = len(x.shape)
         channel = self.axis % rank + 1  # the channel axis of the [ghosts, ghost_batch_size, ...] tensor
         reduce_axes = [a for a in range(1, rank + 1) if a != channel]  # within each ghost batch
 
         ghosts, valid, batch = self._split(x)
-        # Per-ghost moments, as tf.nn.moments but counting only the ghost's real examples (the padding is 0).
-        examples = tf.reduce_sum(valid, axis=1, keepdims=True)  # n_j: [ghosts, 1, 1, ...]
+        # Per-ghost moments, as ops.moments but counting only the ghost's real examples (the padding is 0).
+        examples = ops.sum(valid, axis=1, keepdims=True)  # n_j: [ghosts, 1, 1, ...]
         count = examples * _positions(x, [a - 1 for a in reduce_axes[1:]], dtype)
-        mean = tf.reduce_sum(ghosts, reduce_axes, keepdims=True) / count
-        squares = tf.square(ghosts - tf.stop_gradient(mean)) * valid
-        variance = tf.reduce_sum(squares, reduce_axes, keepdims=True) / count
+        mean = ops.sum(ghosts, reduce_axes, keepdims=True) / count
+        squares = ops.square(ghosts - ops.stop_gradient(mean)) * valid
+        variance = ops.sum(squares, reduce_axes, keepdims=True) / count
 
         # The moving statistics: one update with the size-weighted mean of the ghosts' statistics.
-        share = examples / tf.cast(batch, dtype)
+        share = examples / ops.cast(batch, dtype)
         other_axes = [a for a in range(rank + 1) if a != channel]
         for moving, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            value = tf.reduce_sum(share * value, other_axes)
-            moving.assign(keras.ops.cast(moving, dtype) * self.momentum + value * (1.0 - self.momentum))
+            value = ops.sum(share * value, other_axes)
+            moving.assign(ops.cast(moving, dtype) * self.momentum + value * (1.0 - self.momentum))
 
         shape = [1] * (rank + 1)
         shape[channel] = -1
-        gamma = tf.reshape(keras.ops.cast(self.gamma, dtype), shape) if self.scale else None
-        beta = tf.reshape(keras.ops.cast(self.beta, dtype), shape) if self.center else None
-        outputs = tf.nn.batch_normalization(ghosts, mean, variance, beta, gamma, self.epsilon)
-        outputs = tf.reshape(outputs, [-1, *_dims(outputs)[2:]])[:batch]  # drop the padding
-        return tf.cast(outputs, self.compute_dtype)
+        outputs = (ghosts - mean) * ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            outputs = outputs * ops.reshape(ops.cast(self.gamma, dtype), shape)
+        if self.center:
+            outputs = outputs + ops.reshape(ops.cast(self.beta, dtype), shape)
+        outputs = ops.reshape(outputs, [-1, *_dims(outputs)[2:]])[:batch]  # drop the padding
+        return ops.cast(outputs, self.compute_dtype)
 
     def _split(self, x):
         """`x` as `[ghosts, ghost_batch_size, ...]` (the last ghost padded with zeros), the `[ghosts,
         ghost_batch_size, 1, ...]` 0/1 indicator of real examples, and the batch size (an int when static)."""
         size = self.ghost_batch_size
-        batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+        batch = _dims(x)[0]
         ghosts = (batch + size - 1) // size
         padding = ghosts * size - batch
-        x = tf.pad(x, [[0, padding]] + [[0, 0]] * (len(x.shape) - 1))
-        x = tf.reshape(x, [ghosts, size, *_dims(x)[1:]])
-        valid = tf.reshape(tf.range(ghosts * size) < batch, [ghosts, size] + [1] * (len(x.shape) - 2))
-        return x, tf.cast(valid, x.dtype), batch
+        x = ops.concatenate([x, ops.zeros([padding, *_dims(x)[1:]], x.dtype)], axis=0)
+        x = ops.reshape(x, [ghosts, size, *_dims(x)[1:]])
+        valid = ops.reshape(ops.arange(ghosts * size) < batch, [ghosts, size] + [1] * (len(x.shape) - 2))
+        return x, ops.cast(valid, x.dtype), batch
 
     def get_config(self):
         return {**super().get_config(), "ghost_batch_size": self.ghost_batch_size}
@@ -178,7 +180,7 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
 
 def _dims(x):
     """Each dimension of `x`: a Python int where static, a scalar tensor where not."""
-    dynamic = tf.shape(x)
+    dynamic = ops.shape(x)
     return [d if d is not None else dynamic[i] for i, d in enumerate(x.shape)]
 
 
@@ -187,4 +189,4 @@ def _positions(x, axes, dtype):
     count = 1
     for d in (_dims(x)[a] for a in axes):
         count = count * d
-    return tf.cast(count, dtype)
+    return ops.cast(count, dtype)

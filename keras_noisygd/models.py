@@ -1,13 +1,22 @@
-"""Keras models whose `train_step` injects the optimizer's sampling noise."""
+"""Keras models whose `train_step` injects the optimizer's sampling noise.
+
+The train step has one form for the stateful backends (TensorFlow and
+PyTorch, which differ only in how a gradient is taken) and one for JAX,
+whose trainer passes the state in and out (`_jax_step.py`).
+"""
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
+from keras import ops, tree
 
-from keras_noisygd import per_example
 from keras_noisygd.gradients import batch_size_of, combine_weights
 from keras_noisygd.optimizers import find_noisy_optimizer
+
+if keras.backend.backend() == "tensorflow":
+    from keras_noisygd import _tf_bookkeeping as _bookkeeping
+else:
+    from keras_noisygd import _bookkeeping
 
 __all__ = ["NoisyTrainStep", "NoisyModel", "NoisySequential", "noisy"]
 
@@ -22,51 +31,70 @@ class NoisyTrainStep:
     for the loss weights `m` of the batch, multiplies them into the user's
     `sample_weight`, and descends the re-weighted loss. Metrics and the
     reported `loss` are computed on the clean (un-noised) loss. With any other
-    optimizer it is `keras.Model.train_step`.
+    optimizer it is `keras.Model.train_step`. The same on TensorFlow, JAX and
+    PyTorch.
     """
 
-    def train_step(self, data):
-        """One noisy step: draw `m`, descend `(1/B) sum_i m_i s_i l_i + reg`, report clean values.
+    if keras.backend.backend() == "jax":
 
-        Args:
-            data: A batch `(x, y, sample_weight)` as `fit` passes it.
+        def train_step(self, state, data):
+            """One noisy step on JAX: `train_step(state, data) -> (logs, state)`, as `JAXTrainer`'s."""
+            if find_noisy_optimizer(self.optimizer) is None:
+                return super().train_step(state, data)
+            from keras_noisygd import _jax_step
 
-        Returns:
-            The logs dict of `compute_metrics`, with the clean `loss`.
-        """
-        optimizer = find_noisy_optimizer(self.optimizer)
-        if optimizer is None:
-            return super().train_step(data)
-        _check_reductions(self.loss)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch_size = batch_size_of(x)
-        weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
-        if optimizer.engine == "per_example":
-            y_pred, gradients = self._per_example_gradients(x, y, sample_weight, weights, optimizer.chunk_size)
-        else:
-            y_pred, gradients = self._weighted_gradients(x, y, sample_weight, weights)
-        # The clean loss is read before the update (regularizers see these weights).
-        clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        self._report_loss(clean_loss, batch_size, weights)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            return _jax_step.train_step(self, state, data)
+
+    else:
+
+        def train_step(self, data):
+            """One noisy step: draw `m`, descend `(1/B) sum_i m_i s_i l_i + reg`, report clean values.
+
+            Args:
+                data: A batch `(x, y, sample_weight)` as `fit` passes it.
+
+            Returns:
+                The logs dict of `compute_metrics`, with the clean `loss`.
+            """
+            optimizer = find_noisy_optimizer(self.optimizer)
+            if optimizer is None:
+                return super().train_step(data)
+            _check_reductions(self.loss)
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            batch_size = batch_size_of(x)
+            weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
+            if optimizer.engine == "per_example":
+                y_pred, gradients = self._per_example_gradients(x, y, sample_weight, weights, optimizer.chunk_size)
+            else:
+                y_pred, gradients = self._weighted_gradients(x, y, sample_weight, weights)
+            # The clean loss is read before the update (regularizers see these weights).
+            y_pred = tree.map_structure(ops.stop_gradient, y_pred)
+            clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            _bookkeeping.apply_gradients(self.optimizer, gradients, self.trainable_weights)
+            self._report_loss(clean_loss, batch_size, weights)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _weighted_gradients(self, x, y, sample_weight, weights):
         """`G W + grad R` as the gradient of the re-weighted loss: one backward pass."""
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            with _per_output_loss_metrics_untouched(self, y_pred):  # they must see the clean loss only
+        y_pred = []
+
+        def noisy_loss():
+            y_pred.append(self(x, training=True))
+            with _per_output_loss_metrics_untouched(self, y_pred[0]):  # they must see the clean loss only
                 loss = self.compute_loss(
-                    x=x, y=y, y_pred=y_pred, sample_weight=combine_weights(sample_weight, weights), training=True
+                    x=x, y=y, y_pred=y_pred[0], sample_weight=combine_weights(sample_weight, weights), training=True
                 )
-            scaled_loss = self.optimizer.scale_loss(loss)
-        return y_pred, tape.gradient(scaled_loss, self.trainable_weights)
+            return self.optimizer.scale_loss(loss)
+
+        gradients = _bookkeeping.gradients(noisy_loss, lambda: self.trainable_weights)
+        return y_pred[0], gradients
 
     def _per_example_gradients(self, x, y, sample_weight, weights, chunk_size):
-        """`G W + grad R` with `G` formed: the same update, through `per_example.compute`."""
+        """`G W + grad R` with `G` formed: the same update, through `per_example.compute` (TensorFlow)."""
+        from keras_noisygd import per_example
+
         # The scaling `compute_loss` and `scale_loss` apply: 1/replicas (tf.distribute) and the loss scale.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        loss_scale = self.optimizer.scale_loss(tf.constant(1.0 / replicas, weights.dtype))
+        loss_scale = self.optimizer.scale_loss(ops.convert_to_tensor(1.0 / _bookkeeping.num_replicas(), weights.dtype))
         result = per_example.compute(
             self, x, y, sample_weight, weights=weights, chunk_size=chunk_size, loss_scale=loss_scale
         )
@@ -94,11 +122,11 @@ class NoisyTrainStep:
     def _report_loss(self, loss, batch_size, weights):
         # As in the keras.io custom-train-step guide: the "loss" metric tracks the loss,
         # un-scaled from tf.distribute's per-replica scaling like `Model.train_step` does.
-        # Weights that are NaN (XLA's stand-in for a failed run-time check, `noise.guarded`)
+        # Weights that are NaN (a compiled step's stand-in for a failed run-time check, `_checks.guarded`)
         # or empty (an empty batch) make the reported loss NaN, so `TerminateOnNaN` stops.
-        usable = tf.logical_and(tf.size(weights) > 0, tf.reduce_all(tf.math.is_finite(weights)))
-        loss = tf.where(usable, loss, tf.constant(float("nan"), loss.dtype))
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))
+        loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
+        replicas = _bookkeeping.num_replicas()
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=batch_size)
@@ -110,7 +138,7 @@ _NOISE_PRESERVING_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
 
 def _check_reductions(loss):
     """The noisy loss must be `sum_i m_i l_i` over a constant: no division by `sum_i m_i`."""
-    for loss_fn in tf.nest.flatten(loss):
+    for loss_fn in tree.flatten(loss):
         reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
         if reduction not in _NOISE_PRESERVING_REDUCTIONS:
             raise ValueError(
@@ -128,12 +156,12 @@ class _per_output_loss_metrics_untouched:
     """
 
     def __init__(self, model, y_pred):
-        single_output = len(tf.nest.flatten(y_pred)) == 1
+        single_output = len(tree.flatten(y_pred)) == 1
         metrics = [] if single_output else [m for m in model.metrics if m.name.endswith("_loss")]
         self.variables = [v for m in metrics for v in m.variables]
 
     def __enter__(self):
-        self.saved = [tf.identity(v.value) for v in self.variables]
+        self.saved = [ops.copy(v.value) for v in self.variables]
 
     def __exit__(self, *exc_info):
         for variable, value in zip(self.variables, self.saved):

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_noisygd import _gram
+from keras_noisygd._checks import at_most
 from keras_noisygd import noise as noise_lib
 from keras_noisygd.optimizers import find_noisy_optimizer
 from keras_noisygd.per_example import per_example_gradients
@@ -200,7 +201,7 @@ class NoiseMonitor(keras.callbacks.Callback):
                 "Argument `sgd_batch_size` is needed: the optimizer has no `emulate_batch_size` to compare "
                 "its noise with SGD(b). Received: sgd_batch_size=None"
             )
-        noise_lib.check_at_most("sgd_batch_size", b, "the probe batch size", self.probe_size)
+        at_most("sgd_batch_size", b, "the probe batch size", self.probe_size)
         if not hasattr(noise, "covariance"):
             raise ValueError(f"The optimizer's noise {noise!r} has no `covariance(n)`; NoiseMonitor needs it.")
         return noise, b

@@ -9,18 +9,25 @@ loss scaling and gradient accumulation all come from the base class.
 
 from __future__ import annotations
 
-import numbers
 import random
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_noisygd import _tf_bookkeeping as _tf
 from keras_noisygd import noise as noise_lib
+from keras_noisygd._checks import at_most, check_int, guarded
+
+if keras.backend.backend() == "tensorflow":
+    from keras_noisygd import _tf_bookkeeping as _bookkeeping
+else:
+    from keras_noisygd import _bookkeeping
 
 __all__ = ["NoiseMixin", "NoisyGD", "NoisyAdam", "NoisyAdamW", "find_noisy_optimizer"]
 
 _register = keras.saving.register_keras_serializable(package="keras_noisygd")
+
+# The noise state's integers: JAX has no 64-bit integers unless `jax_enable_x64` is set.
+_STATE_DTYPE = "int32" if keras.backend.backend() == "jax" else "int64"
 
 _NO_NOISE_DRAWN = (
     "{name} received gradients for a step that drew no noise weights, so it would "
@@ -110,19 +117,18 @@ class NoiseMixin:
         self.engine, self.chunk_size = _validated_engine(engine, chunk_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-            raise ValueError(f"Argument `seed` must be None or an int in [0, 2**31). Received: seed={seed!r}")
-        self.seed = int(seed)  # a NumPy int too, stored as a Python int for the JSON config
+        # A NumPy int too, stored as a Python int for the JSON config.
+        self.seed = check_int("seed", seed, 0, maximum=2**31 - 1, allow_none=True)
         self._noise_state = self.add_variable(
-            shape=(2,), dtype="int64", name="noise_state", aggregation="only_first_replica"
+            shape=(2,), dtype=_STATE_DTYPE, name="noise_state", aggregation="only_first_replica"
         )
-        self._noise_state.assign([seed, 0])
+        self._noise_state.assign(ops.convert_to_tensor([self.seed, 0], _STATE_DTYPE))
         if self.gradient_accumulation_steps:
             # The (global) size of the current update's first micro-batch: the others must match it.
             self._micro_batch_size = self.add_variable(
-                shape=(), dtype="int64", name="noise_micro_batch_size", aggregation="only_first_replica"
+                shape=(), dtype=_STATE_DTYPE, name="noise_micro_batch_size", aggregation="only_first_replica"
             )
-        self._drawn = _tf.DrawnGraphs()
+        self._drawn = _bookkeeping.DrawnGraphs()
 
     @property
     def noise_state(self):
@@ -168,9 +174,9 @@ class NoiseMixin:
         Returns:
             A `[batch_size]` tensor.
         """
-        batch_size = _tf.checked_batch_size(batch_size)
-        self._drawn.mark()
-        step_size, offset = _tf.global_batch(batch_size, type(self).__name__)
+        batch_size = _bookkeeping.checked_batch_size(batch_size)
+        self._drawn.mark(self._noise_state.value)
+        step_size, offset = _bookkeeping.global_batch(batch_size, type(self).__name__)
         update, micro_step = self._update_position()
         update_size, conditions = step_size, []
         if self.gradient_accumulation_steps:
@@ -178,15 +184,15 @@ class NoiseMixin:
                 raise ValueError(_NO_DISTRIBUTED_ACCUMULATION.format(k=self.gradient_accumulation_steps))
             update_size = self.gradient_accumulation_steps * step_size
             conditions = self._check_micro_batch(step_size, micro_step)
-            offset = micro_step * tf.cast(step_size, tf.int64)
+            offset = micro_step * ops.cast(step_size, _STATE_DTYPE)
         weights, schedule_conditions = self._sample(update, update_size, dtype)
-        weights = noise_lib.guarded(weights, conditions + schedule_conditions)
+        weights = guarded(weights, conditions + schedule_conditions)
         if offset is None:
             return weights
-        # A gather, not `tf.slice`: XLA needs a slice's `begin` at compile time, so an offset read from
+        # A gather, not a slice: XLA needs a slice's `begin` at compile time, so an offset read from
         # the noise-state variable would recompile the step at every new update (and did: 2.5 s a step).
-        indices = tf.cast(offset, tf.int64) + tf.range(tf.cast(batch_size, tf.int64))
-        return tf.gather(weights, indices)
+        indices = ops.cast(offset, "int32") + ops.arange(batch_size, dtype="int32")
+        return ops.take(weights, indices)
 
     def current_emulate_batch_size(self):
         """The SGD batch size `b` the next update emulates (a schedule's current value), or `None`."""
@@ -194,18 +200,18 @@ class NoiseMixin:
             return self.emulate_batch_size  # fixed: no need to read the update counter
         update, _ = self._update_position()
         b, _ = self._emulated_batch_size(update)
-        return b if b is None or isinstance(b, int) else int(b.numpy())
+        return b if b is None or isinstance(b, int) else int(ops.convert_to_numpy(b))
 
     def _update_position(self):
         """`(update, micro-step)`: the index of the update the next step belongs to, and its place in it."""
         counter = self._noise_state.value[1]
         k = self.gradient_accumulation_steps or 1
-        return counter // k, counter % k
+        return ops.floor_divide(counter, k), ops.mod(counter, k)
 
     def _check_micro_batch(self, step_size, micro_step):
         """Records the first micro-batch's size; the run-time condition that this one has the same size."""
-        size = tf.cast(step_size, tf.int64)
-        expected = tf.where(micro_step == 0, size, self._micro_batch_size.value)
+        size = ops.cast(step_size, _STATE_DTYPE)
+        expected = ops.where(ops.equal(micro_step, 0), size, self._micro_batch_size.value)
         self._micro_batch_size.assign(expected)
         k = self.gradient_accumulation_steps
         message = [
@@ -214,44 +220,44 @@ class NoiseMixin:
             "number of training examples, or batch a dataset with `drop_remainder=True`. Received: a micro-batch "
             "of", size, "examples in an update whose first micro-batch had", expected,
         ]
-        return [(tf.equal(size, expected), message)]
+        return [(ops.equal(size, expected), message)]
 
     def _emulated_batch_size(self, update):
-        """`(b, run-time conditions)` at `update`: `None`, an int, or a schedule's rounded value (float64)."""
+        """`(b, run-time conditions)` at `update`: `None`, an int, or a schedule's rounded value (float32)."""
         b = self.emulate_batch_size
         if not isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
             return b, []
-        value = tf.round(tf.cast(b(update), tf.float64))
+        value = ops.round(ops.cast(b(update), "float32"))
         message = ["Argument `emulate_batch_size` (a schedule) must give values >= 1. Received: emulate_batch_size=",
                    value, "at update", update]
-        return value, [(value >= 1, message)]
+        return value, [(ops.greater_equal(value, 1), message)]
 
     def _sample(self, update, size, dtype):
         """`(weights, run-time conditions)` of one update of `size` examples."""
-        seed = tf.stack([self._noise_state.value[0], tf.cast(update, tf.int64)])
+        seed = ops.stack([self._noise_state.value[0], ops.cast(update, _STATE_DTYPE)])
         b, conditions = self._emulated_batch_size(update)
         if b is None:
             return self.noise.sample(seed, size, dtype), conditions
         # Checked before calibrating, so that a static b > B names the user's argument.
-        run_time_check = noise_lib.check_at_most("emulate_batch_size", b, "the batch size B of every step", size)
+        run_time_check = at_most("emulate_batch_size", b, "the batch size B of every step", size)
         sampler = self.noise.calibrated(b, size)
         if not run_time_check:
             return sampler.sample(seed, size, dtype), conditions
         (b_fits, _), = run_time_check
-        weights = tf.cond(
+        weights = ops.cond(
             b_fits,
             lambda: sampler.sample(seed, size, dtype),
-            lambda: tf.ones([size], dtype),
+            lambda: ops.ones([size], dtype),
         )
         return weights, conditions
 
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
-        if not _tf.drawn_in_enclosing_graph(self._drawn.pop()):
+        if not _bookkeeping.drawn_in_enclosing_graph(self._drawn.pop(), self._noise_state.value):
             raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
         super().apply(grads, trainable_variables)
-        self._noise_state.assign_add(tf.constant([0, 1], tf.int64))
+        self._noise_state.assign_add(ops.convert_to_tensor([0, 1], _STATE_DTYPE))
 
     def get_config(self):
         config = super().get_config()
@@ -274,13 +280,14 @@ def _validated_emulate_batch_size(b):
         b = keras.optimizers.schedules.deserialize(b)
     if b is None or isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
         return b
-    if not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 1:
+    try:
+        return check_int("emulate_batch_size", b, 1)
+    except ValueError:
         raise ValueError(
             "Argument `emulate_batch_size` must be None, an integer >= 1 or a "
             "`keras.optimizers.schedules.LearningRateSchedule` of the update step. "
             f"Received: emulate_batch_size={b!r}"
-        )
-    return int(b)
+        ) from None
 
 
 def _validated_noise(noise, emulate_batch_size):
@@ -315,9 +322,14 @@ ENGINES = ("weighted", "per_example")
 def _validated_engine(engine, chunk_size):
     if engine not in ENGINES:
         raise ValueError(f"Argument `engine` must be one of {list(ENGINES)}. Received: engine={engine!r}")
+    if engine == "per_example" and keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "Argument `engine='per_example'` needs the TensorFlow backend for now (its per-example gradients are "
+            "built on `tf.vectorized_map`); the default engine='weighted' runs on every backend. "
+            f"Received: engine='per_example' with the {keras.backend.backend()!r} backend"
+        )
+    chunk_size = check_int("chunk_size", chunk_size, 1, allow_none=True)
     if chunk_size is not None:
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"Argument `chunk_size` must be None or an int >= 1. Received: chunk_size={chunk_size!r}")
         if engine != "per_example":
             raise ValueError(
                 "Argument `chunk_size` only applies to engine='per_example' (the weighted engine never forms "

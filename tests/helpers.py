@@ -6,6 +6,11 @@ import numpy as np
 import keras_noisygd as kn
 
 
+def to_numpy(x):
+    """A tensor or variable of any backend as a NumPy array."""
+    return keras.ops.convert_to_numpy(x)
+
+
 def classification_data(n=16, features=5, classes=3, seed=0, dtype="float32"):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, features)).astype(dtype), rng.integers(0, classes, n)

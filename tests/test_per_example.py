@@ -409,5 +409,5 @@ def test_engine_arguments_are_checked_and_serialized():
         kn.NoisyGD(0.1, emulate_batch_size=4, engine="pfor")
     with pytest.raises(ValueError, match=r"`chunk_size` only applies to engine='per_example'.*chunk_size=8"):
         kn.NoisyGD(0.1, emulate_batch_size=4, chunk_size=8)
-    with pytest.raises(ValueError, match=r"`chunk_size` must be None or an int >= 1. Received: chunk_size=-1"):
+    with pytest.raises(ValueError, match=r"`chunk_size` must be None or an integer >= 1. Received: chunk_size=-1"):
         kn.NoisyAdam(emulate_batch_size=4, engine="per_example", chunk_size=-1)

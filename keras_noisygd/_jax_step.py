@@ -1,0 +1,61 @@
+"""The noisy train step on JAX, where the trainer passes the state in and out.
+
+JAX's `fit` compiles `train_step(state, data)` with every variable passed in
+as a value: a variable read otherwise yields its initial value inside the
+compiled step (the optimizer's noise state would be `[0, 0]` at every step,
+the user's seed ignored, and no error). So the weights are drawn in a
+`keras.StatelessScope` that maps the optimizer's variables to the state's
+values, and the step returns the state with the noise counter advanced by
+`optimizer.stateless_apply`. Modelled on `JAXTrainer.train_step`, with only
+public Keras APIs.
+"""
+
+from __future__ import annotations
+
+import jax
+import keras
+
+from keras_noisygd.gradients import batch_size_of, combine_weights
+from keras_noisygd.optimizers import find_noisy_optimizer
+
+
+def train_step(model, state, data):
+    """`(logs, state)` of one noisy step: descend the re-weighted loss, report the clean one."""
+    from keras_noisygd.models import _check_reductions
+
+    trainable, non_trainable, optimizer_values, metrics_values = state
+    _check_reductions(model.loss)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    batch_size = batch_size_of(x)  # a Python int: JAX traces with static shapes
+
+    with keras.StatelessScope(state_mapping=list(zip(model.optimizer.variables, optimizer_values))) as scope:
+        weights = find_noisy_optimizer(model.optimizer).noise_weights(batch_size, keras.config.floatx())
+    optimizer_values = [scope.get_current_value(v) for v in model.optimizer.variables]  # the micro-batch record
+    noisy_weights = combine_weights(sample_weight, weights)
+
+    def scaled_noisy_loss(trainable):
+        mapping = [
+            *zip(model.trainable_variables, trainable),
+            *zip(model.non_trainable_variables, non_trainable),
+            *zip(model.metrics_variables, metrics_values),
+        ]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as forward:
+            y_pred = model(x, training=True)
+            clean_loss = model.compute_loss(x, y, y_pred, sample_weight, training=True)
+            # compute_loss updates the per-output loss metrics: they keep the clean loss's update only.
+            metrics_after = [forward.get_current_value(v) for v in model.metrics_variables]
+            noisy_loss = model.compute_loss(x, y, y_pred, noisy_weights, training=True)
+            state_after = [forward.get_current_value(v) for v in model.non_trainable_variables]
+        with keras.StatelessScope(state_mapping=list(zip(model.optimizer.variables, optimizer_values))):
+            scaled = model.optimizer.scale_loss(noisy_loss)
+        return scaled, (clean_loss, y_pred, state_after, metrics_after)
+
+    (_, aux), gradients = jax.value_and_grad(scaled_noisy_loss, has_aux=True)(trainable)
+    clean_loss, y_pred, non_trainable, metrics_values = aux
+    trainable, optimizer_values = model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
+
+    with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_values))) as scope:
+        model._report_loss(clean_loss, batch_size, weights)
+        logs = model.compute_metrics(x, y, y_pred, sample_weight)
+    metrics_values = [scope.get_current_value(v) for v in model.metrics_variables]
+    return logs, (trainable, non_trainable, optimizer_values, metrics_values)

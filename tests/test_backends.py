@@ -1,0 +1,200 @@
+"""The same noise on every Keras backend: generator, draws, the JAX statelessness trap, cross-backend training.
+
+Each test here runs on the backend of the pytest run (`KERAS_BACKEND`), and CI
+runs this file on TensorFlow, JAX and PyTorch. The draws are compared with the
+NumPy reference `rng_reference.py`, written from the specification, so every
+backend is checked against one implementation and so against each other;
+`test_every_backend_trains_to_the_same_weights` also trains one model on each
+installed backend in a process of its own.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import rng_reference as ref
+
+import keras_noisygd as kn
+from keras_noisygd import _rng, noise
+from helpers import to_numpy
+
+pytestmark = pytest.mark.all_backends
+
+SEEDS = [[0, 0], [5, 7], [2**31 - 1, 123_456]]
+
+
+def words(values):
+    return keras.ops.convert_to_tensor(np.asarray(values, np.uint32 if keras.backend.backend() == "jax" else np.int64))
+
+
+# Known-answer vectors of Threefry-2x32-20 from Random123 (kat_vectors): key, counter, output.
+KNOWN_ANSWERS = [
+    ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+]
+
+
+@pytest.mark.parametrize("key, counter, expected", KNOWN_ANSWERS)
+def test_threefry_known_answers(key, counter, expected):
+    k = words(key)
+    y0, y1 = _rng.threefry2x32((k[0], k[1]), words([counter[0]]), words([counter[1]]))
+    assert (int(to_numpy(y0)[0]), int(to_numpy(y1)[0])) == expected
+    assert tuple(int(v[0]) for v in ref.threefry2x32(key, [counter[0]], [counter[1]])) == expected
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_words_equal_the_reference(seed):
+    got = [to_numpy(w) for w in _rng.words(keras.ops.convert_to_tensor(seed), 1000, 3)]
+    want = ref.words(seed, 1000, 3)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.astype(np.uint64), w)
+
+
+def test_integers_below_n_are_the_high_word_of_the_product():
+    w = np.random.default_rng(0).integers(0, 2**32, 5000, dtype=np.uint64)
+    for n in (1, 7, 60_000, 2**31 - 1):
+        got = to_numpy(_rng.below(words(w), n)).astype(np.uint64)
+        np.testing.assert_array_equal(got, (w * np.uint64(n)) >> np.uint64(32))
+
+
+def test_smallest_breaks_ties_by_position_and_sets_exactly_k():
+    keys = np.array([5, 1, 3, 3, 3, 0, 9, 3], np.uint32)  # the 3rd-5th smallest tie at 3
+    for k in range(1, 9):
+        got = to_numpy(_rng.smallest(words(keys), k))
+        np.testing.assert_array_equal(got, ref.smallest(keys.astype(np.uint64), k))
+        assert got.sum() == k
+
+
+# Discrete classes are bit-identical to the reference; Gaussian ones go through float32 log/cos on the backend
+# and float64 in NumPy: |eps| < 6 with float32 rounding ~1e-7 relative, so 1e-5 absolute on std * eps.
+DRAWS = [
+    (noise.SGDSampling(3), lambda s, n: ref.sgd(s, n, 3), 0),
+    (noise.SGDSampling(3, replacement=True), lambda s, n: ref.sgd(s, n, 3, replacement=True), 0),
+    (noise.Bernoulli(0.3), lambda s, n: ref.bernoulli(s, n, 0.3), 0),
+    (noise.Gaussian(1.5), lambda s, n: ref.gaussian(s, n, 1.5), 1e-5),
+    (noise.Gaussian(1.5, centered=True), lambda s, n: ref.gaussian(s, n, 1.5, centered=True), 1e-5),
+    (noise.SparseGaussian(3, 1.5), lambda s, n: ref.sparse_gaussian(s, n, 3, 1.5), 1e-5),
+    (noise.SparseGaussian(3, 1.5, centered=True), lambda s, n: ref.sparse_gaussian(s, n, 3, 1.5, True), 1e-5),
+]
+
+
+@pytest.mark.parametrize("sampler, reference, atol", DRAWS, ids=[repr(d[0]) for d in DRAWS])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [3, 8, 1000])
+def test_draws_equal_the_numpy_reference(sampler, reference, atol, seed, n):
+    got = to_numpy(sampler.sample(keras.ops.convert_to_tensor(seed), n))
+    np.testing.assert_allclose(got, reference(seed, n), rtol=0, atol=atol)
+
+
+def test_subsets_are_distinct_at_real_sizes():
+    # 32-bit keys tie often at N = 60,000 (probability ~0.34 per draw); exactly b examples are still chosen.
+    m = to_numpy(noise.SGDSampling(64).sample([3, 1], 60_000))
+    assert (m > 0).sum() == 64 and np.isclose(m.sum(), 60_000, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the draws through `fit`: the JAX trap
+N, STEPS = 8, 60
+
+
+def weights_through_fit(seed, noise_kwargs, steps=STEPS):
+    """The loss weights of each step, read back from training.
+
+    One-hot inputs, a bias-free Dense(1) and the loss `y_pred` make example i's
+    loss the weight w_i, so SGD with learning rate N moves w_i by -m_i: the
+    weights of step k are w_k - w_{k+1}. One epoch per step, so the weights are
+    read back from the trainer's state on every backend (JAX syncs at epoch end).
+    """
+    model = kn.NoisySequential([keras.Input((N,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    model.compile(kn.NoisyGD(float(N), seed=seed, **noise_kwargs), loss=lambda y_true, y_pred: y_pred[:, 0])
+    history = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: history.append(model.get_weights()[0][:, 0]))
+    model.fit(np.eye(N, dtype="float32"), np.zeros(N, "float32"), batch_size=N, epochs=steps, shuffle=False,
+              verbose=0, callbacks=[record])
+    w = np.stack([np.zeros(N, "float32")] + history)
+    return w[:-1] - w[1:]
+
+
+def test_fit_draws_fresh_weights_each_step_from_the_seed():
+    # The trap: a naive JAX port reads the optimizer's noise state as its initial value inside the compiled
+    # step, so it draws the weights of seed [0, 0] at every step and ignores the user's seed, with no error.
+    sampler = noise.Gaussian.emulating(2, N, centered=True)
+    got = weights_through_fit(seed=11, noise_kwargs=dict(noise="gaussian_centered", emulate_batch_size=2), steps=4)
+    for k in range(4):  # w_i grows to |sum of draws| ~ 10: float32 rounding of the differences ~1e-6
+        np.testing.assert_allclose(got[k], to_numpy(sampler.sample([11, k], N)), rtol=0, atol=1e-5)
+    assert np.abs(got[1] - got[0]).max() > 0.1  # the draws differ between steps
+    other = weights_through_fit(seed=12, noise_kwargs=dict(noise="gaussian_centered", emulate_batch_size=2), steps=1)
+    assert np.abs(other[0] - got[0]).max() > 0.1  # and between seeds
+
+
+def test_weights_through_fit_have_sgds_mean_and_covariance():
+    b = 3
+    m = weights_through_fit(seed=5, noise_kwargs=dict(noise="sgd", emulate_batch_size=b))
+    np.testing.assert_allclose(np.sort(m, axis=1)[:, -b:], N / b, rtol=1e-6)  # b examples weighted N/b
+    np.testing.assert_allclose(np.sort(m, axis=1)[:, :-b], 0, atol=1e-6)  # the rest 0
+    m = weights_through_fit(seed=5, noise_kwargs=dict(noise="gaussian_centered", emulate_batch_size=b), steps=400)
+    sgd = noise.SGDSampling(b).covariance(N)
+    # 400 draws: the sample covariance's entries have standard error ~ var * sqrt(2 / 400) ~ 0.07 * var.
+    np.testing.assert_allclose(m.mean(0), 1, atol=0.4)
+    np.testing.assert_allclose(np.cov(m.T), sgd, atol=0.3 * sgd[0, 0])
+
+
+# ---------------------------------------------------------------- one model trained on each backend
+CROSS_BACKEND_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import keras
+    import keras_noisygd as kn
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 5)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("int32")
+    result = {}
+    for name in kn.noise.NAMES:
+        inputs = keras.Input((5,))
+        hidden = keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(1e-2))(inputs)
+        model = kn.NoisyModel(inputs, keras.layers.Dense(2, activation="softmax")(hidden))
+        model.set_weights([np.random.default_rng(i).normal(size=w.shape).astype("float32") * 0.5
+                           for i, w in enumerate(model.get_weights())])
+        b = None if name == "none" else 4
+        model.compile(kn.NoisyGD(0.1, noise=name, emulate_batch_size=b, momentum=0.9, seed=3),
+                      "sparse_categorical_crossentropy", metrics=["accuracy"])
+        history = model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0).history
+        result[name] = {"weights": np.concatenate([w.ravel() for w in model.get_weights()]).tolist(),
+                        "loss": history["loss"]}
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def _train_on(backend):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", CROSS_BACKEND_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.slow
+def test_every_backend_trains_to_the_same_weights():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("run once, from the TensorFlow run: it starts a process per backend")
+    backends = [b for b, module in (("tensorflow", "tensorflow"), ("jax", "jax"), ("torch", "torch"))
+                if importlib.util.find_spec(module)]
+    results = {backend: _train_on(backend) for backend in backends}
+    first = results[backends[0]]
+    for backend in backends[1:]:
+        for name in first:
+            # float32 on every backend; 12 steps with momentum through a small MLP: rounding differences
+            # (summation order, float32 log/cos in the Gaussian draws) stay below 1e-5 on O(1) weights.
+            np.testing.assert_allclose(results[backend][name]["weights"], first[name]["weights"], rtol=0, atol=1e-5,
+                                       err_msg=f"{backend} vs {backends[0]}, noise={name}")
+            np.testing.assert_allclose(results[backend][name]["loss"], first[name]["loss"], rtol=1e-5)
