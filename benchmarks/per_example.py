@@ -17,15 +17,11 @@ Two passes, so that the allocator setting that memory needs does not distort the
 1. Times: every method in this process, with glibc's default allocator (the script re-runs itself
    without `MALLOC_MMAP_THRESHOLD_` if it was set). Medians over repetitions after one warm-up call;
    every ratio is to the plain gradient with the same XLA setting measured in the same run.
-2. Memory: one fresh subprocess per model, batch size and method, with the allocators set so that a
-   freed block leaves the resident set: a fixed glibc mmap threshold (large blocks always mmap'd and
-   unmapped on free) and TensorFlow's oneDNN CPU allocator off (`TF_ENABLE_ONEDNN_OPTS=0`: it keeps
-   freed blocks in its own pool, and with it every method's peak after warm-up reads ~0 MiB; the MLP's
-   `B x d` write at B = 128 read 0.01 MiB with it and 131 MiB without). The child warms the method up,
-   resets the peak (`/proc/self/clear_refs`) and reports the peak resident set (Linux `VmHWM`) above
-   the resident set at that point, over the same repetitions: the method's own working memory, not its
-   tracing or compilation. For model (c) the floor of writing `B x d` float32 values once is printed
-   next to it.
+2. Memory: one fresh subprocess per model, batch size and method, whose allocators give freed memory
+   back (a fixed glibc mmap threshold and oneDNN's pooling CPU allocator off, see `_memory.py`). The
+   child warms the method up, resets the peak and reports the peak resident set above the resident
+   set at that point, over the same repetitions: the method's own working memory, not its tracing or
+   compilation. For model (c) the floor of writing `B x d` float32 values once is printed next to it.
 
 The last table compares two formulations of a convolution's per-example filter gradient (see
 `conv_formulations`), timed in the first pass.
@@ -37,10 +33,8 @@ The last table compares two formulations of a convolution's per-example filter g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -51,12 +45,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
+from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 
 tf.get_logger().setLevel("ERROR")  # every method is a new tf.function of the same code: no retracing warnings
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-# The memory pass's allocators: glibc mmaps (and unmaps on free) every block from 128 KiB up, and TensorFlow
-# allocates with plain malloc instead of oneDNN's caching pool.
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TF_ENABLE_ONEDNN_OPTS": "0"}
 LOOPS = ("loop xla", "loop eager")
 
 
@@ -161,39 +153,6 @@ def jax_per_example(model):
 
 
 # ---------------------------------------------------------------- measurement helpers
-def _rss_mib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def median_seconds(fn, repeats):
-    """Median seconds per call of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
-
-
-def peak_mib(fn, repeats):
-    """Peak resident set (MiB) above the resident set after one warm-up call, over `repeats` calls of `fn`."""
-    fn()
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak resident set size
-    except OSError:
-        pass
-    start_rss = _rss_mib("VmRSS")
-    for _ in range(repeats):
-        fn()
-    return _rss_mib("VmHWM") - start_rss
-
-
 def _materialise(result):
     # A CPU tf.function call returns computed tensors; touch one value of each (no copy of G).
     for tensor in tf.nest.flatten(result):
@@ -343,9 +302,8 @@ def time_pass(args):
 
 
 def memory_pass(args):
-    """Peak memory of each method, one fresh subprocess each (`MEMORY_ENV`); prints one table per model."""
-    settings = " ".join(f"{k}={v}" for k, v in MEMORY_ENV.items())
-    print(f"\nPeak memory (MiB above the resident set after warm-up; one process per method and B, {settings})")
+    """Peak memory of each method, one fresh subprocess each (`_memory.py`); prints one table per model."""
+    print(f"\nPeak memory (MiB above the resident set after warm-up; one process per method and B, {settings()})")
     for model_name in args.models:
         d = batch(model_name, 1)[0].count_params()
         print(f"\n{model_name}: {d:,} parameters")
@@ -375,24 +333,18 @@ def _in_memory_pass(name, wanted):
 
 
 def _child_peak(model_name, batch_size, name, args):
-    """`peak_mib` of one method, measured by this script in a fresh process with the memory pass's allocators."""
-    env = {**os.environ, **MEMORY_ENV}
-    command = [
-        sys.executable, os.path.abspath(__file__), "--memory-child", model_name, str(batch_size), name,
-        "--repeats", str(1 if name in LOOPS else args.repeats), "--chunk-size", str(args.chunk_size),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"  ({name}, B={batch_size}: the memory child failed: {done.stderr.strip().splitlines()[-1:]})")
-        return float("nan")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+    """`peak_mib` of one method, measured by this script in a fresh process (`_memory.MEMORY_ENV`)."""
+    repeats = 1 if name in LOOPS else args.repeats
+    child_args = ["--memory-child", model_name, str(batch_size), name, "--repeats", str(repeats),
+                  "--chunk-size", str(args.chunk_size)]
+    return child_peak(__file__, child_args, f"{name}, B={batch_size}")
 
 
 def memory_child(args):
     """The body of one memory subprocess: print `{"peak_mib": ...}` for one model, batch size and method."""
     model_name, batch_size, name = args.memory_child
     model, x, y = batch(model_name, int(batch_size))
-    print(json.dumps({"peak_mib": peak_mib(method(name, model, x, y, args.chunk_size), args.repeats)}))
+    report(peak_mib(method(name, model, x, y, args.chunk_size), args.repeats))
 
 
 def _reexec_with_default_allocator():
