@@ -8,7 +8,17 @@ model allows it: both models here) and with `method="per_example"` (the Gram mat
 from `G`, as before the Gram path). Steps are timed inside one `fit`
 (`_timing.py`), `steps_per_execution=1` so that the monitor runs at every step.
 
+Then a memory pass (`_memory.py`): for each model and `--memory-batch-sizes`
+B, one fresh process per way fits `--steps` steps (after a warm-up fit of as
+many) and reports its peak resident set above the resident set before them. Next to
+the peaks the table prints the sizes the Gram path should follow, `B^2`
+float64 values and the layers' captured inputs and outputs (`B` x their
+per-example size, float32), and the size it should not, `B x d` float32: the
+monitor's extra peak (`auto - none`) should grow with the first two, that of
+`per_example` with `B x d`.
+
     python benchmarks/monitor_cost.py [--rounds 5] [--steps 20] [--batch-size 128]
+        [--memory-batch-sizes 32 128 512] [--no-memory]
 """
 
 from __future__ import annotations
@@ -23,8 +33,94 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
-from _timing import seconds_per_step  # noqa: E402  (benchmarks/ is the script's folder)
+from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
+from _timing import seconds_per_step  # noqa: E402
+from keras_noisygd import _gram  # noqa: E402
 from step_time import MODELS, synthetic_batch  # noqa: E402
+
+WAYS = ("none", "auto", "per_example")  # no monitor, and the monitor's two methods
+
+
+def build(name, batch_size):
+    """The noisy model `name` (seed 0), compiled as in the time pass, and a dataset repeating one batch."""
+    layers_fn, (x, y), data = synthetic_batch(name, batch_size, np.random.default_rng(0))
+    keras.utils.set_random_seed(0)
+    model = kn.NoisySequential(layers_fn())
+    model.compile(
+        kn.NoisyGD(0.01, noise="gaussian_centered", emulate_batch_size=min(32, batch_size), seed=0),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    return model, (x, y), data
+
+
+def callbacks(way, probe):
+    return [] if way == "none" else [kn.NoiseMonitor(probe, every_n_steps=1, method=way)]
+
+
+def time_pass(args):
+    print(f"batch = probe = {args.batch_size}, monitor every step, {args.steps} steps x {args.rounds} rounds, XLA off")
+    print(f"{'model':<20} {'step ms':>8} {'auto ms':>8} {'source':>11} {'ratio':>14} {'per_ex ms':>10} {'ratio':>14}")
+    for name in args.models.split(","):
+        model, probe, data = build(name, args.batch_size)
+        monitors = {way: callbacks(way, probe) for way in WAYS}
+        runs = {way: [] for way in WAYS}
+        for way in WAYS:  # trace outside the timing
+            seconds_per_step(model, data, 2, 2, monitors[way])
+        for round_ in range(args.rounds):
+            order = list(WAYS) if round_ % 2 == 0 else list(reversed(WAYS))
+            for way in order:
+                runs[way].append(seconds_per_step(model, data, args.steps, 2, monitors[way]))
+        ratio = {way: [a / b for a, b in zip(runs[way], runs["none"])] for way in WAYS[1:]}
+
+        def show(way):
+            return f"{statistics.median(ratio[way]):.2f} ({min(ratio[way]):.2f}-{max(ratio[way]):.2f})"
+
+        print(
+            f"{name:<20} {1e3 * statistics.median(runs['none']):>8.2f} {1e3 * statistics.median(runs['auto']):>8.2f} "
+            f"{monitors['auto'][0].gram_source:>11} {show('auto'):>14} "
+            f"{1e3 * statistics.median(runs['per_example']):>10.2f} {show('per_example'):>14}"
+        )
+
+
+def memory_pass(args):
+    print(f"\nPeak memory of a fit of {args.steps} steps (MiB above the resident set after a warm-up fit; "
+          f"one process per way and B, {settings()})")
+    print(f"{'model':<20} {'B':>4} {'none':>8} {'auto':>8} {'per_ex':>8} {'auto-none':>10} {'per_ex-none':>12} "
+          f"{'B^2 f64':>8} {'captured':>9} {'B x d':>8}")
+    for name in args.models.split(","):
+        for batch_size in args.memory_batch_sizes:
+            peaks = {
+                way: child_peak(__file__, ["--memory-child", name, str(batch_size), way, "--steps", str(args.steps)],
+                                f"{name}, B={batch_size}, {way}")
+                for way in WAYS
+            }
+            gram, captured, rows = _sizes_mib(name, batch_size)
+            print(
+                f"{name:<20} {batch_size:>4} {peaks['none']:>8.1f} {peaks['auto']:>8.1f} {peaks['per_example']:>8.1f} "
+                f"{peaks['auto'] - peaks['none']:>10.1f} {peaks['per_example'] - peaks['none']:>12.1f} "
+                f"{gram:>8.2f} {captured:>9.1f} {rows:>8.1f}"
+            )
+
+
+def _sizes_mib(name, batch_size):
+    """MiB of `K` (B^2 float64), of the Gram path's captured inputs and outputs (float32) and of `G` (B x d float32)."""
+    model, _, _ = build(name, 1)
+    plan = _gram.plan(model)
+    per_example = 0
+    for layer in plan.layers if plan is not None else []:
+        for tensor in (layer.input, layer.output):
+            per_example += int(np.prod(tensor.shape[1:]))
+    return batch_size**2 * 8 / 2**20, batch_size * per_example * 4 / 2**20, batch_size * model.count_params() * 4 / 2**20
+
+
+def memory_child(args):
+    """One memory subprocess: the peak of a fit of `--steps` steps of one way, after a warm-up fit of as many."""
+    name, batch_size, way = args.memory_child
+    model, probe, data = build(name, int(batch_size))
+    monitor = callbacks(way, probe)
+    # peak_mib's warm-up call (the same fit) traces the step and the monitor and makes the first allocations.
+    report(peak_mib(lambda: model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=monitor), 1))
 
 
 def main(argv=None):
@@ -33,38 +129,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--memory-batch-sizes", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    print(f"batch = probe = {args.batch_size}, monitor every step, {args.steps} steps x {args.rounds} rounds, XLA off")
-    print(f"{'model':<20} {'step ms':>8} {'auto ms':>8} {'source':>11} {'ratio':>14} {'per_ex ms':>10} {'ratio':>14}")
-    rng = np.random.default_rng(0)
-    for name in args.models.split(","):
-        layers_fn, (x, y), data = synthetic_batch(name, args.batch_size, rng)
-        keras.utils.set_random_seed(0)
-        model = kn.NoisySequential(layers_fn())
-        model.compile(
-            kn.NoisyGD(0.01, noise="gaussian_centered", emulate_batch_size=32, seed=0),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=False,
-        )
-        monitors = {method: kn.NoiseMonitor((x, y), every_n_steps=1, method=method) for method in ("auto", "per_example")}
-        runs = {"none": [], "auto": [], "per_example": []}
-        for key in runs:  # trace outside the timing
-            seconds_per_step(model, data, 2, 2, [monitors[key]] if key in monitors else [])
-        for round_ in range(args.rounds):
-            order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
-            for key in order:
-                callbacks = [monitors[key]] if key in monitors else []
-                runs[key].append(seconds_per_step(model, data, args.steps, 2, callbacks))
-        ratio = {k: [a / b for a, b in zip(runs[k], runs["none"])] for k in monitors}
-
-        def show(key):
-            return f"{statistics.median(ratio[key]):.2f} ({min(ratio[key]):.2f}-{max(ratio[key]):.2f})"
-
-        print(
-            f"{name:<20} {1e3 * statistics.median(runs['none']):>8.2f} {1e3 * statistics.median(runs['auto']):>8.2f} "
-            f"{monitors['auto'].gram_source:>11} {show('auto'):>14} {1e3 * statistics.median(runs['per_example']):>10.2f} "
-            f"{show('per_example'):>14}"
-        )
+    if args.memory_child:
+        memory_child(args)
+        return
+    time_pass(args)
+    if not args.no_memory:
+        memory_pass(args)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,33 @@
 """Per-example gradients: cost against the plain batch gradient, a Python loop, and JAX's vmap(grad).
 
-For each model and batch size B, in one process on the same CPU:
+For each model and batch size B, on the same CPU:
 
 - plain      : gradient of the mean loss over the batch (what a stock step differentiates);
 - weighted   : `keras_noisygd.noisy_gradients` (the default engine: one backward pass of the re-weighted loss);
-- per-example: `keras_noisygd.per_example_gradients` (the `[B, *shape]` gradient matrix), XLA off and on;
+- per-example: `keras_noisygd.per_example_gradients` (the `[B, *shape]` gradient matrix), XLA off and on,
+               and with `chunk_size`;
 - loop       : a Python loop of single-example gradient calls, eager and through one compiled function;
-- jax        : `jax.jit(jax.vmap(jax.grad(loss)))` on the same architecture in plain JAX (the peer);
+- jax        : `jax.jit(jax.vmap(jax.grad(loss)))` on the same architecture in plain JAX (the peer, at every
+               B given: 32, 128 and 512 by default, for all three models);
 - floor      : writing the `B x d` float32 values of `G` once (`tf.fill`), the memory-traffic floor of any
                per-example method.
 
-Times are medians over repetitions; every ratio is to the plain step with the same XLA setting measured
-in the same run. Peak memory is the process's peak resident set above its resident set when the
-measurement starts (Linux `VmHWM`, reset through `/proc/self/clear_refs`; the script re-runs itself with a
-fixed glibc mmap threshold so that freed blocks leave the resident set), and for model (c) the floor
-of writing `B x d` float32 values once is printed next to it.
+Two passes, so that the allocator setting that memory needs does not distort the times:
+
+1. Times: every method in this process, with glibc's default allocator (the script re-runs itself
+   without `MALLOC_MMAP_THRESHOLD_` if it was set). Medians over repetitions after one warm-up call;
+   every ratio is to the plain gradient with the same XLA setting measured in the same run.
+2. Memory: one fresh subprocess per model, batch size and method, whose allocators give freed memory
+   back (a fixed glibc mmap threshold and oneDNN's pooling CPU allocator off, see `_memory.py`). The
+   child warms the method up, resets the peak and reports the peak resident set above the resident
+   set at that point, over the same repetitions: the method's own working memory, not its tracing or
+   compilation. For model (c) the floor of writing `B x d` float32 values once is printed next to it.
 
 The last table compares two formulations of a convolution's per-example filter gradient (see
-`conv_formulations`).
+`conv_formulations`), timed in the first pass.
 
     python benchmarks/per_example.py [--batch-sizes 32 128 512] [--repeats 5] [--models paper_cnn mlp wide_cnn]
+        [--memory-methods plain per-example ...] [--no-memory]
 """
 
 from __future__ import annotations
@@ -37,8 +45,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
+from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 
+tf.get_logger().setLevel("ERROR")  # every method is a new tf.function of the same code: no retracing warnings
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+LOOPS = ("loop xla", "loop eager")
 
 
 # ---------------------------------------------------------------- the three architectures, in Keras and in JAX
@@ -142,39 +153,35 @@ def jax_per_example(model):
 
 
 # ---------------------------------------------------------------- measurement helpers
-def _rss_mib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def measure(fn, repeats):
-    """Median seconds per call after one warm-up call, and the peak RSS above the starting RSS (MiB)."""
-    fn()
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak resident set size
-    except OSError:
-        pass
-    start_rss = _rss_mib("VmRSS")
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), _rss_mib("VmHWM") - start_rss
-
-
 def _materialise(result):
     # A CPU tf.function call returns computed tensors; touch one value of each (no copy of G).
     for tensor in tf.nest.flatten(result):
         tf.reshape(tensor, [-1])[:1].numpy()
 
 
-def methods(model, x, y, include_loop, chunk_size=None):
-    """name -> zero-argument callable running that method on the batch."""
+def batch(model_name, batch_size):
+    """The model (seed 0) and a random float32 batch for it, the same in every process."""
+    build, shape = MODELS[model_name]
+    keras.utils.set_random_seed(0)
+    model = build()
+    rng = np.random.default_rng(batch_size)
+    x = tf.constant(rng.normal(size=(batch_size, *shape)).astype("float32"))
+    return model, x, tf.constant(rng.integers(0, 10, batch_size))
+
+
+def method_names(include_loop, chunk_size, batch_size):
+    names = []
+    for suffix in ("", " xla"):
+        names += [f"plain{suffix}", f"weighted{suffix}", f"per-example{suffix}"]
+        if chunk_size and chunk_size < batch_size:
+            names.append(f"per-example c={chunk_size}{suffix}")
+    return names + (list(LOOPS) if include_loop else []) + ["floor: write B x d", "jax vmap(grad)"]
+
+
+def method(name, model, x, y, chunk_size=None):
+    """A zero-argument callable running the method `name` (see `method_names`) on the batch."""
+    xla = name.endswith(" xla")
+    base = name[: -len(" xla")] if xla else name
     weights = tf.ones([x.shape[0]])
 
     def plain(x, y):
@@ -182,47 +189,37 @@ def methods(model, x, y, include_loop, chunk_size=None):
             loss = LOSS(y, model(x, training=True))
         return tape.gradient(loss, model.trainable_variables)
 
-    def weighted(x, y):
-        return kn.noisy_gradients(model, x, y, weights, loss=LOSS)
+    def compiled(fn):
+        traced = tf.function(fn, jit_compile=xla)
+        return lambda: _materialise(traced(x, y))
 
-    def per_example(x, y):
-        return kn.per_example_gradients(model, x, y, loss=LOSS)
-
-    def chunked(x, y):
-        return kn.per_example_gradients(model, x, y, loss=LOSS, chunk_size=chunk_size)
-
-    table = {}
-    for xla in (False, True):
-        suffix = " xla" if xla else ""
-        for name, fn in (("plain", plain), ("weighted", weighted), ("per-example", per_example)):
-            compiled = tf.function(fn, jit_compile=xla)
-            table[name + suffix] = lambda compiled=compiled: _materialise(compiled(x, y))
-        if chunk_size and chunk_size < x.shape[0]:
-            compiled = tf.function(chunked, jit_compile=xla)
-            table[f"per-example c={chunk_size}{suffix}"] = lambda compiled=compiled: _materialise(compiled(x, y))
-    if include_loop:
-        single = tf.function(plain, jit_compile=True)
+    if base == "plain":
+        return compiled(plain)
+    if base == "weighted":
+        return compiled(lambda x, y: kn.noisy_gradients(model, x, y, weights, loss=LOSS))
+    if base == "per-example":
+        return compiled(lambda x, y: kn.per_example_gradients(model, x, y, loss=LOSS))
+    if base == f"per-example c={chunk_size}":
+        return compiled(lambda x, y: kn.per_example_gradients(model, x, y, loss=LOSS, chunk_size=chunk_size))
+    if name in LOOPS:
+        single = tf.function(plain, jit_compile=True) if name == "loop xla" else plain
 
         def loop():
             for i in range(x.shape[0]):
                 _materialise(single(x[i : i + 1], y[i : i + 1]))
 
-        table["loop xla"] = loop
-
-        def eager_loop():
-            for i in range(x.shape[0]):
-                _materialise(plain(x[i : i + 1], y[i : i + 1]))
-
-        table["loop eager"] = eager_loop
-    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
-    # The fill value is an argument, so that grappler cannot fold the fill into a cached constant.
-    floor = tf.function(lambda value: [tf.fill([x.shape[0], size], value) for size in sizes], autograph=False)
-    value = tf.constant(1.0)
-    table["floor: write B x d"] = lambda: _materialise(floor(value))
-    per_example_jax, _, _ = jax_per_example(model)
-    x_np, y_np = x.numpy(), y.numpy()
-    table["jax vmap(grad)"] = lambda: per_example_jax(x_np, y_np)
-    return table
+        return loop
+    if name == "floor: write B x d":
+        sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+        # The fill value is an argument, so that grappler cannot fold the fill into a cached constant.
+        floor = tf.function(lambda value: [tf.fill([x.shape[0], size], value) for size in sizes], autograph=False)
+        value = tf.constant(1.0)
+        return lambda: _materialise(floor(value))
+    if name == "jax vmap(grad)":
+        per_example_jax, _, _ = jax_per_example(model)
+        x_np, y_np = x.numpy(), y.numpy()
+        return lambda: per_example_jax(x_np, y_np)
+    raise ValueError(f"Argument `name` must be one of the benchmark's methods. Received: name={name!r}")
 
 
 def check_jax_agrees(model, x, y):
@@ -267,21 +264,94 @@ def conv_formulations(batch_size, repeats, shape=(28, 28, 1), filters=10, kernel
         times = {}
         for name, fn in (("batched (summed)", batched), ("pfor while_loop", pfor), ("im2col + einsum", patches)):
             compiled = tf.function(fn, jit_compile=xla)
-            times[name] = measure(lambda compiled=compiled: compiled(x, dy).numpy(), repeats)[0]
+            times[name] = median_seconds(lambda compiled=compiled: compiled(x, dy).numpy(), repeats)
         base = times["batched (summed)"]
         for name, seconds in times.items():
             print(f"  xla={xla!s:5} {name:18} {1e3 * seconds:8.2f} ms  x batched {seconds / base:6.2f}")
 
 
-def _reexec_with_fixed_mmap_threshold():
-    """Large blocks always mmap'd and unmapped on free (glibc), so each measurement's peak RSS is its own.
+# ---------------------------------------------------------------- the two passes
+def time_pass(args):
+    """Times of every method, in this process (default allocator); prints one table per model."""
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
+    print("\nTimes (this process, default allocator), ratio to the plain gradient with the same XLA setting")
+    for model_name in args.models:
+        print(f"\n{model_name}: {batch(model_name, 1)[0].count_params():,} parameters")
+        print(f"{'model':10} {'B':>4} {'method':24} {'ms':>9} {'x plain':>8}")
+        for batch_size in args.batch_sizes:
+            model, x, y = batch(model_name, batch_size)
+            check_jax_agrees(model, x, y)
+            results = {}
+            for name in method_names(batch_size <= args.loop_up_to, args.chunk_size, batch_size):
+                repeats = 1 if name in LOOPS else args.repeats
+                results[name] = median_seconds(method(name, model, x, y, args.chunk_size), repeats)
+            for name, seconds in results.items():
+                base = results["plain xla" if ("xla" in name or name.startswith(("jax", "floor"))) else "plain"]
+                print(f"{model_name:10} {batch_size:>4} {name:24} {1e3 * seconds:9.2f} {seconds / base:8.2f}")
+            pe = results["per-example xla"]
+            summary = (
+                f"  -> per-example (xla) / jax = {pe / results['jax vmap(grad)']:.2f}"
+                f", per-example (xla) / floor = {pe / results['floor: write B x d']:.1f}"
+            )
+            if "loop xla" in results:
+                summary += (
+                    f", loop (xla) / per-example (xla) = {results['loop xla'] / pe:.1f}"
+                    f", loop (eager) / per-example (xla) = {results['loop eager'] / pe:.1f}"
+                )
+            print(summary)
 
-    With glibc's default dynamic threshold a freed multi-megabyte block is kept in the heap and reused,
-    and later peaks would hide under earlier ones.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+def memory_pass(args):
+    """Peak memory of each method, one fresh subprocess each (`_memory.py`); prints one table per model."""
+    print(f"\nPeak memory (MiB above the resident set after warm-up; one process per method and B, {settings()})")
+    for model_name in args.models:
+        d = batch(model_name, 1)[0].count_params()
+        print(f"\n{model_name}: {d:,} parameters")
+        print(f"{'method':24} " + " ".join(f"{f'B={b}':>9}" for b in args.batch_sizes))
+        peaks = {}
+        for batch_size in args.batch_sizes:
+            for name in method_names(batch_size <= args.loop_up_to, args.chunk_size, batch_size):
+                if _in_memory_pass(name, args.memory_methods):
+                    peaks[name, batch_size] = _child_peak(model_name, batch_size, name, args)
+        for name in dict.fromkeys(name for name, _ in peaks):
+            cells = [peaks.get((name, b)) for b in args.batch_sizes]
+            print(f"{name:24} " + " ".join(f"{'-':>9}" if c is None else f"{c:9.1f}" for c in cells))
+        if model_name == "wide_cnn":
+            for b in args.batch_sizes:
+                floor = b * d * 4 / 2**20
+                ratios = ", ".join(
+                    f"{name} {peak / floor:.2f}" for (name, size), peak in peaks.items()
+                    if size == b and name.startswith("per-example") and peak == peak
+                )
+                print(f"  -> B={b}: floor B x d float32 = {floor:.1f} MiB; peak / floor: {ratios}")
+
+
+def _in_memory_pass(name, wanted):
+    if wanted is None:
+        return name not in LOOPS  # a loop holds one example at a time; at B = 512 it takes minutes
+    return wanted == ["all"] or name in wanted
+
+
+def _child_peak(model_name, batch_size, name, args):
+    """`peak_mib` of one method, measured by this script in a fresh process (`_memory.MEMORY_ENV`)."""
+    repeats = 1 if name in LOOPS else args.repeats
+    child_args = ["--memory-child", model_name, str(batch_size), name, "--repeats", str(repeats),
+                  "--chunk-size", str(args.chunk_size)]
+    return child_peak(__file__, child_args, f"{name}, B={batch_size}")
+
+
+def memory_child(args):
+    """The body of one memory subprocess: print `{"peak_mib": ...}` for one model, batch size and method."""
+    model_name, batch_size, name = args.memory_child
+    model, x, y = batch(model_name, int(batch_size))
+    report(peak_mib(method(name, model, x, y, args.chunk_size), args.repeats))
+
+
+def _reexec_with_default_allocator():
+    """The times are taken with the default allocators: drop an inherited fixed mmap threshold."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main(argv=None):
@@ -292,49 +362,23 @@ def main(argv=None):
     parser.add_argument("--loop-up-to", type=int, default=512, help="skip the Python loop above this B")
     parser.add_argument("--chunk-size", type=int, default=32, help="also time per-example with this chunk_size")
     parser.add_argument("--conv-batch-size", type=int, default=128, help="B of the Conv2D formulation comparison")
+    parser.add_argument(
+        "--memory-methods", nargs="+", default=None,
+        help="methods of the memory pass (names as in the time table, or 'all'); default: all but the loops",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
-    header = f"{'model':10} {'B':>4} {'method':18} {'ms':>9} {'x plain':>8} {'peak MiB':>9}"
-    for model_name in args.models:
-        build, shape = MODELS[model_name]
-        keras.utils.set_random_seed(0)
-        model = build()
-        d = model.count_params()
-        print(f"\n{model_name}: {d:,} parameters")
-        print(header)
-        rng = np.random.default_rng(0)
-        for batch_size in args.batch_sizes:
-            x = tf.constant(rng.normal(size=(batch_size, *shape)).astype("float32"))
-            y = tf.constant(rng.integers(0, 10, batch_size))
-            check_jax_agrees(model, x, y)
-            results = {}
-            for name, fn in methods(model, x, y, batch_size <= args.loop_up_to, args.chunk_size).items():
-                results[name] = measure(fn, args.repeats if not name.startswith("loop") else 1)
-            for name, (seconds, peak) in results.items():
-                base = results["plain xla" if ("xla" in name or name.startswith(("jax", "floor"))) else "plain"][0]
-                print(f"{model_name:10} {batch_size:>4} {name:18} {1e3 * seconds:9.2f} {seconds / base:8.2f} {peak:9.1f}")
-            pe = results["per-example xla"][0]
-            summary = (
-                f"  -> per-example (xla) / jax = {pe / results['jax vmap(grad)'][0]:.2f}"
-                f", per-example (xla) / floor = {pe / results['floor: write B x d'][0]:.1f}"
-                + (
-                    f", loop (xla) / per-example (xla) = {results['loop xla'][0] / pe:.1f}"
-                    f", loop (eager) / per-example (xla) = {results['loop eager'][0] / pe:.1f}"
-                    if "loop xla" in results
-                    else ""
-                )
-            )
-            if model_name == "wide_cnn":
-                floor = batch_size * d * 4 / 2**20
-                ratios = ", ".join(
-                    f"{name} {peak / floor:.2f}" for name, (_, peak) in results.items() if name.startswith("per-example")
-                )
-                summary += f"\n  -> floor B x d float32 = {floor:.1f} MiB; peak / floor: {ratios}"
-            print(summary)
+    if args.memory_child:
+        memory_child(args)
+        return
+    time_pass(args)
     conv_formulations(args.conv_batch_size, args.repeats)
+    if not args.no_memory:
+        memory_pass(args)
 
 
 if __name__ == "__main__":
-    _reexec_with_fixed_mmap_threshold()
+    if "--memory-child" not in sys.argv:
+        _reexec_with_default_allocator()
     main()

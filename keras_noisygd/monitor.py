@@ -91,11 +91,15 @@ class NoiseMonitor(keras.callbacks.Callback):
     Everything comes from the Gram matrix `K = G G^T`. For a network whose
     trainable layers are all `keras.layers.Dense` (on `[B, features]`
     inputs), `Conv1D` or `Conv2D` (channels last, no dilation or groups),
-    with no BatchNormalization or Dropout, the monitor never forms `G`: a
+    `Embedding` or `LayerNormalization`, with no BatchNormalization,
+    GhostBatchNormalization or Dropout, the monitor never forms `G`: a
     Dense layer contributes `(<a_i, a_j> + 1) <d_i, d_j>` (`a`: its input,
-    `d`: the loss's gradient at its pre-activation), a convolution the
-    products of its small per-example rows, all from one batched forward
-    and backward pass. Other models, and `method="per_example"`, form `G`
+    `d`: the loss's gradient at its pre-activation), an Embedding
+    `sum_{s,t} [id_is = id_jt] <d_is, d_jt>` over the positions (or the
+    products of its rows, where the vocabulary is below positions^2), a
+    convolution or LayerNormalization the products of its small per-example
+    rows, all from one batched forward and backward pass. Other models, and
+    `method="per_example"`, form `G`
     with `per_example_gradients`. After a measurement, `gram_source` says
     which was used: `"layers"` or `"per_example"`.
 

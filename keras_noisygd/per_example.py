@@ -15,7 +15,9 @@ Two exact ways to form `G_i = d l_i / d theta`, both from `model.stateless_call`
   batched backward pass.
 
 `"auto"` first takes the layer rows of `_gram` (a model without state whose
-trainable layers are all Dense or Conv1D/Conv2D, and no `chunk_size`): one
+trainable layers are all Dense, Conv1D/Conv2D, Embedding or
+LayerNormalization, and no `chunk_size`; BatchNormalization,
+GhostBatchNormalization and Dropout models never take them): one
 batched forward and backward pass, each layer's rows formed from its input and
 output gradient, checked against the backward pass's batch gradient, the
 general method where the check fails; the result's `method` is then

@@ -34,6 +34,10 @@ def _model(kind):
     elif kind == "embedding":
         inputs = keras.Input((4,), dtype="int32")
         hidden = layers.Flatten()(layers.Embedding(11, 3)(inputs))
+    elif kind == "embedding_l2":  # ids of rank 2, the table regularized, then Dense layers
+        inputs = keras.Input((2, 2), dtype="int32")
+        hidden = layers.Embedding(11, 3, embeddings_regularizer=keras.regularizers.L2(0.05))(inputs)
+        hidden = layers.Dense(4, activation="tanh")(layers.Flatten()(hidden))
     else:
         inputs = keras.Input((5,))
         regularizer = keras.regularizers.L2(0.05) if kind == "regularized" else None
@@ -43,6 +47,10 @@ def _model(kind):
         )
         if kind == "layernorm":
             hidden = layers.LayerNormalization()(hidden)
+        if kind == "layernorm_l2":
+            hidden = layers.LayerNormalization(
+                gamma_regularizer=keras.regularizers.L2(0.05), beta_regularizer=keras.regularizers.L2(0.02)
+            )(hidden)
         if kind == "batchnorm":
             hidden = layers.BatchNormalization()(hidden)
         if kind == "dropout":
@@ -58,6 +66,8 @@ def _data(kind, n=B, seed=0):
     shapes = {"conv1d": (9, 2), "conv2d": (6, 6, 2)}
     if kind == "embedding":
         x = rng.integers(0, 11, (n, 4)).astype("int32")
+    elif kind == "embedding_l2":
+        x = rng.integers(0, 11, (n, 2, 2)).astype("int32")
     else:
         x = rng.normal(size=(n, *shapes.get(kind, (5,))))
     return tf.constant(x), tf.constant(rng.integers(0, 3, n))
@@ -108,7 +118,7 @@ def _dense(gradients):
     return [tf.convert_to_tensor(g) for g in gradients]
 
 
-INDEPENDENT = ["dense", "regularized", "conv1d", "conv2d", "embedding", "layernorm"]
+INDEPENDENT = ["dense", "regularized", "conv1d", "conv2d", "embedding", "embedding_l2", "layernorm", "layernorm_l2"]
 COUPLED = ["batchnorm", "dropout"]
 
 
@@ -137,8 +147,8 @@ def test_activity_regularizer_enters_through_the_batch_regularization_gradient(f
 
 @pytest.mark.parametrize(
     "kind,expected",
-    [("dense", "layers"), ("conv2d", "layers"), ("embedding", "vectorized"), ("batchnorm", "jacobian"),
-     ("dropout", "jacobian")],
+    [("dense", "layers"), ("conv2d", "layers"), ("embedding", "layers"), ("layernorm", "layers"),
+     ("batchnorm", "jacobian"), ("dropout", "jacobian")],
 )
 def test_auto_picks_the_jacobian_exactly_when_training_updates_state(float64, kind, expected):
     model = _model(kind)
@@ -181,7 +191,9 @@ def test_layer_rows_fall_back_where_their_check_fails(float64, jit_compile):
         np.testing.assert_allclose(g, expected, **TOL)
 
 
-@pytest.mark.parametrize("kind", ["dense", "regularized", "conv1d", "conv2d", "activity"])
+@pytest.mark.parametrize(
+    "kind", ["dense", "regularized", "conv1d", "conv2d", "activity", "embedding_l2", "layernorm_l2"]
+)
 def test_layer_rows_equal_the_vectorized_method(float64, kind):
     model = _model(kind)
     x, y = _data(kind)
@@ -343,7 +355,9 @@ def _trained(engine, kind, jit_compile, chunk_size=None, optimizer=kn.NoisyGD, *
 @pytest.mark.parametrize(
     "kind,jit_compile,chunk_size",
     [("regularized", False, None), ("batchnorm", True, None), ("dropout", False, 4), ("conv1d", True, 4),
-     ("conv2d", True, None)],  # the layer rows (regularized, conv2d under XLA) and the general methods
+     ("conv2d", True, None), ("embedding_l2", False, None), ("embedding_l2", True, None),
+     ("layernorm_l2", False, None), ("layernorm_l2", True, None)],
+    # the layer rows (regularized, conv2d, embedding and layernorm, with and without XLA) and the general methods
 )
 def test_per_example_engine_trains_like_the_weighted_engine(float64, kind, jit_compile, chunk_size):
     # Same seed, same noise weights: four steps (2 per execution) of G W + grad R must equal the re-weighted
