@@ -12,6 +12,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "all_backends: runs on every Keras backend (unmarked tests need KERAS_BACKEND=tensorflow)"
     )
+    config.addinivalue_line("markers", "tensorflow_only: needs TensorFlow's own APIs, in a module marked all_backends")
     config.addinivalue_line("markers", "slow: takes more than ~20 s (deselect with -m 'not slow')")
 
 
@@ -21,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=f"needs the TensorFlow backend; this run is on {BACKEND!r}")
     for item in items:
-        if "all_backends" not in item.keywords:
+        if "all_backends" not in item.keywords or "tensorflow_only" in item.keywords:
             item.add_marker(skip)
 
 

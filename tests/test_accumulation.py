@@ -12,11 +12,13 @@ calibrated to itself, another seed, a mis-placed slice) moves the weights by
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+import tensorflow as tf  # the TensorFlow-only tests (TensorFlow is installed for every run)
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from helpers import classification_data, mlp
+from helpers import classification_data, exact, mlp, to_numpy
+
+pytestmark = pytest.mark.all_backends
 
 LOSS = "sparse_categorical_crossentropy"
 N, K, B_EMULATED, UPDATES, SEED = 12, 3, 3, 3, 11
@@ -48,17 +50,18 @@ def fit(noise_kwargs, batch_size, epochs, accumulation=None, n=N, engine="weight
 
 def assert_same_weights(a, b):
     for u, v in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-13)  # see the module docstring
+        np.testing.assert_allclose(u, v, **exact(1e-10, 1e-13))  # see the module docstring
 
 
 @pytest.mark.parametrize("name", list(NOISES))
 def test_micro_batches_take_the_full_batch_steps(float64, name):
     full = fit(NOISES[name], batch_size=N, epochs=UPDATES)
     micro = fit(NOISES[name], batch_size=N // K, epochs=UPDATES, accumulation=K)
-    assert int(micro.optimizer.iterations.numpy()) == UPDATES
+    assert int(to_numpy(micro.optimizer.iterations)) == UPDATES
     assert_same_weights(micro, full)
 
 
+@pytest.mark.tensorflow_only  # the per-example engine
 @pytest.mark.parametrize("engine, jit_compile", [("weighted", True), ("per_example", False), ("per_example", True)])
 def test_micro_batches_take_the_full_batch_steps_with_xla_and_the_per_example_engine(float64, engine, jit_compile):
     kwargs = NOISES["sgd"]
@@ -72,7 +75,7 @@ def test_large_batch_variant_in_micro_batches_takes_the_large_batch_steps(float6
     # n = 24 in large batches of B = 12 (SGD(3) emulated inside each), built from 3 micro-batches of 4.
     large = fit(NOISES[name], batch_size=12, epochs=2, n=24)
     micro = fit(NOISES[name], batch_size=4, epochs=2, n=24, accumulation=3)
-    assert int(micro.optimizer.iterations.numpy()) == 4
+    assert int(to_numpy(micro.optimizer.iterations)) == 4
     assert_same_weights(micro, large)
 
 
@@ -100,7 +103,7 @@ def one_update_weights(noise_kwargs, n=16, micro_batch=4, shuffle=True, seed=SEE
     optimizer = kn.NoisyGD(1.0, seed=seed, gradient_accumulation_steps=n // micro_batch, **noise_kwargs)
     model.compile(optimizer, "mse")
     model.fit(x, y, batch_size=micro_batch, epochs=1, shuffle=shuffle, verbose=0)
-    assert int(optimizer.iterations.numpy()) == 1
+    assert int(to_numpy(optimizer.iterations)) == 1
     return -model.get_weights()[0][:, 0]
 
 
@@ -109,20 +112,21 @@ def test_shuffled_micro_batches_share_one_coupled_draw(float64, name):
     n, b = 16, 4
     m = one_update_weights(dict(noise=name, emulate_batch_size=b))
     # The update's weights are the draw for N = 16 at seed [SEED, 0], in the shuffled order.
-    draw = noise.get(name).calibrated(b, n).sample([SEED, 0], n, "float64").numpy()
-    np.testing.assert_allclose(np.sort(m), np.sort(draw), rtol=1e-12, atol=1e-12)
+    draw = to_numpy(noise.get(name).calibrated(b, n).sample([SEED, 0], n, "float64"))
+    np.testing.assert_allclose(np.sort(m), np.sort(draw), **exact(1e-12, 1e-12))
     if name == "sgd":  # exactly SGD(4) out of 16: four examples weighted 16/4, the rest 0
-        np.testing.assert_allclose(np.sort(m), [0.0] * 12 + [4.0] * 4, atol=1e-12)
+        np.testing.assert_allclose(np.sort(m), [0.0] * 12 + [4.0] * 4, **exact(0, 1e-12))
     if name in ("sgd", "gaussian_centered", "sparse_gaussian_centered"):
-        np.testing.assert_allclose(m.sum(), n, rtol=1e-12)  # coupled across the micro-batches
+        np.testing.assert_allclose(m.sum(), n, **exact(1e-12))  # coupled across the micro-batches
     assert np.abs(m - 1).max() > 0.5  # noise was injected (each micro-batch of 4 emulating SGD(4) injects none)
 
 
 def test_one_hot_reading_is_the_unshuffled_draw(float64):
     m = one_update_weights(dict(noise="gaussian", emulate_batch_size=4), shuffle=False)
-    np.testing.assert_allclose(m, noise.Gaussian.emulating(4, 16).sample([SEED, 0], 16, "float64").numpy(), rtol=1e-12)
+    np.testing.assert_allclose(m, to_numpy(noise.Gaussian.emulating(4, 16).sample([SEED, 0], 16, "float64")), **exact(1e-12))
 
 
+@pytest.mark.tensorflow_only  # a run-time assertion
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_a_micro_batch_of_another_size_is_refused(jit_compile):
     # 10 examples in micro-batches of 4: 4, 4 | 2, then (epoch 2) 4 -> an update of a 2 and a 4.
@@ -146,7 +150,7 @@ def test_a_micro_batch_of_another_size_is_refused(jit_compile):
 def test_equal_micro_batches_across_epochs_are_fine(float64):
     # 12 examples, micro-batches of 4, k = 2: updates straddle epochs, every micro-batch has 4 examples.
     model = fit(NOISES["sgd"], batch_size=4, epochs=2, accumulation=2)
-    assert int(model.optimizer.iterations.numpy()) == 3
+    assert int(to_numpy(model.optimizer.iterations)) == 3
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
@@ -156,10 +160,11 @@ def test_noise_state_counts_micro_steps_and_draws_per_update():
     optimizer = kn.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=2, seed=9, gradient_accumulation_steps=2)
     model.compile(optimizer, LOSS)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # 4 micro-steps, 2 updates
-    np.testing.assert_array_equal(optimizer.noise_state.numpy(), [9, 4])
-    assert int(optimizer.iterations.numpy()) == 2
+    np.testing.assert_array_equal(to_numpy(optimizer.noise_state), [9, 4])
+    assert int(to_numpy(optimizer.iterations)) == 2
 
 
+@pytest.mark.tensorflow_only  # NoiseMonitor
 def test_noise_monitor_measures_per_update_and_leaves_training_alone(float64):
     x, y = classification_data(N, dtype="float64")
     monitor = kn.NoiseMonitor((x, y), every_n_steps=1)
@@ -200,16 +205,18 @@ def test_a_save_in_the_middle_of_an_update_continues_exactly(float64, tmp_path, 
         first.save(tmp_path / "mid.keras")
         resumed = keras.models.load_model(tmp_path / "mid.keras")
     else:
+        if keras.backend.backend() != "tensorflow":
+            pytest.skip("tf.train.Checkpoint needs the TensorFlow backend")
         path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(str(tmp_path / "ckpt"))
         resumed = build()
         resumed.optimizer.build(resumed.trainable_variables)
         tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path).assert_consumed()
-    np.testing.assert_array_equal(resumed.optimizer.noise_state.numpy(), [SEED, 4])
+    np.testing.assert_array_equal(to_numpy(resumed.optimizer.noise_state), [SEED, 4])
     resumed.fit(x[split:], y[split:], batch_size=4, epochs=1, shuffle=False, verbose=0)
     for u, v in zip(resumed.get_weights(), straight.get_weights()):
         np.testing.assert_array_equal(u, v)  # the same operations in the same order: bit for bit
     for u, v in zip(resumed.optimizer.variables, straight.optimizer.variables):
-        np.testing.assert_array_equal(u.numpy(), v.numpy())  # accumulators and the micro-batch size too
+        np.testing.assert_array_equal(to_numpy(u), to_numpy(v))  # accumulators and the micro-batch size too
 
 
 XLA_COMPILE_COUNT = """
@@ -223,6 +230,7 @@ model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)  # 12 micro-st
 """
 
 
+@pytest.mark.tensorflow_only  # counts TensorFlow compilations
 def test_xla_compiles_the_accumulated_step_once():
     # The micro-step's offset into the update's draw comes from the noise-state variable. An op that needs
     # it at compile time (tf.slice's `begin`) made XLA recompile the step at every update (2.5 s a step on

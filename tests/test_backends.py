@@ -198,3 +198,44 @@ def test_every_backend_trains_to_the_same_weights():
             np.testing.assert_allclose(results[backend][name]["weights"], first[name]["weights"], rtol=0, atol=1e-5,
                                        err_msg=f"{backend} vs {backends[0]}, noise={name}")
             np.testing.assert_allclose(results[backend][name]["loss"], first[name]["loss"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the scale issue's parts, in float32 (JAX's default)
+def fit_mlp(batch_size, accumulation, noise_kwargs, epochs=3):
+    x, y = np.random.default_rng(0).normal(size=(24, 5)).astype("float32"), np.arange(24) % 3
+    inputs = keras.Input((5,))
+    model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(7, "tanh")(inputs)))
+    model.set_weights([np.random.default_rng(i).normal(size=w.shape).astype("float32") * 0.5
+                       for i, w in enumerate(model.get_weights())])
+    optimizer = kn.NoisyGD(0.2, momentum=0.5, seed=4, gradient_accumulation_steps=accumulation, **noise_kwargs)
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["sgd", "gaussian_centered", "sparse_gaussian_centered"])
+def test_micro_batches_take_the_full_batch_steps_in_float32(name):
+    kwargs = dict(noise=name, emulate_batch_size=4)
+    full, micro = fit_mlp(24, None, kwargs), fit_mlp(8, 3, kwargs)
+    assert int(to_numpy(micro.optimizer.iterations)) == 3
+    np.testing.assert_array_equal(to_numpy(micro.optimizer.noise_state), [4, 9])  # 9 micro-steps, 3 draws
+    for a, b in zip(micro.get_weights(), full.get_weights()):
+        # float32: a sum of 3 micro-batch means against one mean of 24 rounds differently, ~1e-7 per step.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    other = fit_mlp(8, None, kwargs)  # three separate updates of 8 with their own draws: not the same steps
+    assert max(np.abs(a - b).max() for a, b in zip(other.get_weights(), full.get_weights())) > 1e-3
+
+
+def test_ghost_batch_normalization_is_batch_normalization_ghost_by_ghost():
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(10, 4)).astype("float32")
+    layer = kn.layers.GhostBatchNormalization(4, momentum=0.5)
+    out = to_numpy(layer(x, training=True))
+    expected = []
+    for start in range(0, 10, 4):  # ghost batches of 4, 4 and 2 examples
+        bn = keras.layers.BatchNormalization(momentum=0.5)
+        expected.append(to_numpy(bn(x[start:start + 4], training=True)))
+    # float32 moments of values ~3: rounding ~1e-6.
+    np.testing.assert_allclose(out, np.concatenate(expected), rtol=1e-5, atol=1e-5)
+    ghosts = [x[s:s + 4] for s in range(0, 10, 4)]
+    mean = sum(len(g) * g.mean(0) for g in ghosts) / 10
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), 0.5 * mean, rtol=1e-5)

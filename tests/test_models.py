@@ -3,11 +3,12 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from helpers import classification_data, mlp
+from helpers import classification_data, mlp, to_numpy
+
+pytestmark = pytest.mark.all_backends
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -32,7 +33,7 @@ def test_reported_loss_and_metrics_are_the_clean_ones(jit_compile):
     assert counter.batches == 2
     for name in ("loss", "accuracy", "weighted_accuracy"):
         np.testing.assert_allclose(history.history[name], [evaluated[name]] * 2, rtol=1e-6)
-    noisy_loss = model.compute_loss(x, y, model(x), sample_weight=s * model.optimizer.noise_weights(64).numpy())
+    noisy_loss = model.compute_loss(x, y, model(x), sample_weight=s * to_numpy(model.optimizer.noise_weights(64)))
     assert abs(float(noisy_loss) - evaluated["loss"]) > 1e-3  # the check above can tell them apart
 
 
@@ -61,7 +62,7 @@ def test_one_fit_step_is_the_noisy_gradient_step(jit_compile):
     grads = kn.noisy_gradients(reference, x, y, sampler.sample([11, 0], 16))
     for w, w0, g in zip(model.trainable_weights, reference.trainable_weights, grads):
         # float32; graph/XLA vs eager differ by rounding only.
-        np.testing.assert_allclose(w.numpy(), w0.numpy() - 0.5 * g.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(w), to_numpy(w0) - 0.5 * to_numpy(g), rtol=1e-5, atol=1e-6)
 
 
 class Subclassed(keras.Model):
@@ -97,15 +98,15 @@ def test_noisy_shares_layers_and_weights(make, inputs):
     x, y = classification_data(16)
     x = inputs(x) if inputs else x
     original = make()
-    original(tf.nest.map_structure(lambda t: t[:1], x))
+    original(keras.tree.map_structure(lambda t: t[:1], x))
     wrapped = kn.noisy(original)
     assert wrapped.built or isinstance(original, Subclassed)  # a wrapper builds on first call
     assert isinstance(wrapped, kn.NoisyTrainStep) and kn.noisy(wrapped) is wrapped
     assert {id(v) for v in wrapped.trainable_variables} == {id(v) for v in original.trainable_variables}
-    before = [v.numpy() for v in original.trainable_variables]
+    before = [to_numpy(v) for v in original.trainable_variables]
     wrapped.compile(kn.NoisyGD(0.1, noise="gaussian_centered", emulate_batch_size=4, seed=0), LOSS)
     wrapped.fit(x, y, batch_size=16, epochs=2, verbose=0)
-    assert all(np.abs(v.numpy() - b).max() > 0 for v, b in zip(original.trainable_variables, before))
+    assert all(np.abs(to_numpy(v) - b).max() > 0 for v, b in zip(original.trainable_variables, before))
     np.testing.assert_allclose(wrapped.predict(x, verbose=0), original.predict(x, verbose=0), rtol=1e-6)
 
 
@@ -116,6 +117,8 @@ def test_a_stock_model_with_noisy_gd_fails_at_the_start_of_fit():
     model.compile(kn.NoisyGD(0.1, emulate_batch_size=4), LOSS)
     with pytest.raises(ValueError, match=r"would silently train without noise.*keras_noisygd.noisy\(model\)"):
         model.fit(x, y, verbose=0)
+    if keras.backend.backend() == "jax":
+        return  # Keras's JAX fit leaves the variables emptied after an error in the traced step
     for a, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(a, b)
 
@@ -178,7 +181,7 @@ def test_keras_file_round_trip_keeps_weights_optimizer_and_noise_state(tmp_path,
     assert type(loaded) is type(model)
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
     # Training on from the file gives exactly what training on in memory gives.
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
@@ -186,7 +189,10 @@ def test_keras_file_round_trip_keeps_weights_optimizer_and_noise_state(tmp_path,
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.tensorflow_only
 def test_tf_train_checkpoint_restores_the_noise_stream(tmp_path):
+    import tensorflow as tf
+
     x, y = classification_data(32)
     model = mlp()
     model.compile(kn.NoisyGD(0.1, noise="gaussian", emulate_batch_size=4, seed=8), LOSS)
@@ -196,13 +202,14 @@ def test_tf_train_checkpoint_restores_the_noise_stream(tmp_path):
     restored.compile(kn.NoisyGD(0.1, noise="gaussian", emulate_batch_size=4, seed=999), LOSS)
     restored.optimizer.build(restored.trainable_variables)
     tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(path).assert_consumed()
-    np.testing.assert_array_equal(restored.optimizer.noise_state.numpy(), [8, 4])  # seed 999 overwritten
+    np.testing.assert_array_equal(to_numpy(restored.optimizer.noise_state), [8, 4])  # seed 999 overwritten
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     restored.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(restored.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.tensorflow_only  # counts TensorFlow traces of `train_step(data)`
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_no_retracing_after_the_first_step(jit_compile):
     class Counting(kn.NoisyModel):

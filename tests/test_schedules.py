@@ -3,11 +3,13 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+import tensorflow as tf  # the TensorFlow-only tests (TensorFlow is installed for every run)
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from helpers import classification_data, mlp
+from helpers import classification_data, exact, mlp, to_numpy
+
+pytestmark = pytest.mark.all_backends
 
 N, UPDATES, SEED, LR = 8, 5, 23, 0.05
 TEMPLATES = [n for n in noise.NAMES if n != "none"]
@@ -28,25 +30,25 @@ def test_a_schedule_calibrates_each_update_to_its_own_b(float64, name, accumulat
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(N, 3)), rng.normal(size=(N, 1))
     model = linear_model()
-    w, c = (v.numpy() for v in model.weights)
+    w, c = (to_numpy(v) for v in model.weights)
     optimizer = kn.NoisyGD(LR, noise=name, emulate_batch_size=growing(), seed=SEED,
                            gradient_accumulation_steps=accumulation)
     model.compile(optimizer, "mse", jit_compile=jit_compile)
     model.fit(x, y, batch_size=N // (accumulation or 1), epochs=UPDATES, shuffle=False, verbose=0)
     for update in range(UPDATES):
         b = 2 if update <= 1 else 4
-        m = noise.get(name).calibrated(b, N).sample([SEED, update], N, "float64").numpy()
+        m = to_numpy(noise.get(name).calibrated(b, N).sample([SEED, update], N, "float64"))
         r = (x @ w + c - y) * m[:, None]
         w, c = w - LR * 2.0 / N * x.T @ r, c - LR * 2.0 / N * r.sum(0)
     # float64, same draws; only summation order and XLA's log/cos last bits differ (~1e-16 per step).
-    np.testing.assert_allclose(model.weights[0].numpy(), w, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(model.weights[1].numpy(), c, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(model.weights[0]), w, **exact(1e-9, 1e-12))
+    np.testing.assert_allclose(to_numpy(model.weights[1]), c, **exact(1e-9, 1e-12))
     assert optimizer.current_emulate_batch_size() == 4
 
 
 def test_the_schedule_changes_the_draw(float64):
     # The test above could not pass with the schedule ignored: b = 2 and b = 4 draw different "sgd" weights.
-    first, later = (noise.get("sgd").calibrated(b, N).sample([SEED, 2], N, "float64").numpy() for b in (2, 4))
+    first, later = (to_numpy(noise.get("sgd").calibrated(b, N).sample([SEED, 2], N, "float64")) for b in (2, 4))
     assert np.count_nonzero(first) == 2 and np.count_nonzero(later) == 4
 
 
@@ -60,6 +62,7 @@ def test_exponential_growth_doubles_b_every_period():
     assert values == [4, 4, 4, 8, 8, 8, 16]
 
 
+@pytest.mark.tensorflow_only  # a run-time assertion
 def test_a_schedule_value_below_one_is_refused():
     x, y = classification_data(8)
     model = mlp()
@@ -82,7 +85,7 @@ def test_a_schedule_beyond_the_batch_is_plain_gd(float64):
         model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
         runs.append(model.get_weights())
     for a, b in zip(*runs):
-        np.testing.assert_allclose(a, b, rtol=1e-12)
+        np.testing.assert_allclose(a, b, **exact(1e-12))
 
 
 def test_sgd_with_replacement_needs_a_fixed_b():
@@ -109,6 +112,7 @@ def test_a_schedule_survives_config_and_keras_file_round_trips(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.tensorflow_only  # NoiseMonitor
 def test_noise_monitor_follows_the_schedule(float64):
     x, y = classification_data(N, dtype="float64")
     model = mlp(dtype="float64")
