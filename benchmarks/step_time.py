@@ -10,6 +10,10 @@ median per-step times, the median of the per-round ratios noisy/stock, and the
 25th-75th percentile of those ratios: on a shared machine the spread between
 rounds is often larger than the difference being measured.
 
+On every Keras backend: `KERAS_BACKEND=jax python benchmarks/step_time.py` (XLA only: JAX without
+`jit_compile` runs eagerly) or `KERAS_BACKEND=torch ...` (no XLA). The data are a `tf.data` repetition of
+one batch on TensorFlow and a `keras.utils.PyDataset` of it elsewhere (the same for both models).
+
     python benchmarks/step_time.py [--rounds 15] [--steps 100] [--engine per_example] [--batch-size 512]
 """
 
@@ -23,12 +27,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
 from _timing import seconds_per_step as _in_fit  # noqa: E402  (benchmarks/ is the script's folder)
 
-EXECUTION = 20  # steps_per_execution
+EXECUTION = 1 if keras.backend.backend() == "torch" else 20  # steps_per_execution (PyTorch allows only 1)
 
 
 def paper_cnn():
@@ -59,7 +62,29 @@ def synthetic_batch(name, batch_size, rng):
     layers_fn, shape = MODELS[name]
     x = rng.normal(size=(batch_size, *shape)).astype("float32")
     y = rng.integers(0, 10, batch_size)
-    return layers_fn, (x, y), tf.data.Dataset.from_tensors((x, y)).repeat()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return layers_fn, (x, y), tf.data.Dataset.from_tensors((x, y)).repeat()
+    return layers_fn, (x, y), _RepeatedBatch(x, y)
+
+
+class _RepeatedBatch(keras.utils.PyDataset):
+    """The same batch, `10**6` times: the input of JAX and PyTorch runs."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.batch = (x, y)
+
+    def __len__(self):
+        return 10**6
+
+    def __getitem__(self, index):
+        return self.batch
+
+
+# The XLA settings that run compiled code on each backend: JAX without jit_compile runs op by op.
+XLA_MODES = {"tensorflow": "both", "jax": "on", "torch": "off"}
 
 
 def build(layers_fn, model_class, optimizer, jit_compile):
@@ -76,7 +101,7 @@ def build(layers_fn, model_class, optimizer, jit_compile):
 
 
 def seconds_per_step(model, data, steps):
-    return _in_fit(model, data, steps, warmup=EXECUTION)
+    return _in_fit(model, data, steps, warmup=20)  # a multiple of EXECUTION on every backend
 
 
 def main(argv=None):
@@ -87,12 +112,14 @@ def main(argv=None):
     parser.add_argument("--noise", default="gaussian_centered", help="noise name, emulating SGD(b=32)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--engine", default="weighted", choices=["weighted", "per_example"], help="the noisy model's engine")
-    parser.add_argument("--xla", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--xla", default=None, choices=["both", "on", "off"],
+                        help="default: both on TensorFlow, on for JAX, off for PyTorch")
     args = parser.parse_args(argv)
+    args.xla = args.xla or XLA_MODES[keras.backend.backend()]
     if args.steps % EXECUTION:
         parser.error(f"--steps must be a multiple of {EXECUTION} (steps_per_execution). Received: {args.steps}")
 
-    print(f"batch {args.batch_size}, noise {args.noise} ~ SGD(32), engine {args.engine}, "
+    print(f"backend {keras.backend.backend()}, batch {args.batch_size}, noise {args.noise} ~ SGD(32), engine {args.engine}, "
           f"{args.steps} steps x {args.rounds} rounds (median)")
     print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14}")
     rng = np.random.default_rng(0)

@@ -49,6 +49,7 @@ __all__ = [
     "get",
     "serialize",
     "NAMES",
+    "uniform",
 ]
 
 _register = keras.saving.register_keras_serializable(package="keras_noisygd")
@@ -468,6 +469,30 @@ class SparseGaussian(Sampler):
         k_ = _as_float(k)
         variance = n * (n - b) / (b * (k_ - 1)) if centered else n * n / (b * k_)
         return cls(num_noisy=k, std=_sqrt(variance), centered=centered)
+
+def uniform(seed, num_examples, dtype="float32", stream=0):
+    """`[num_examples]` uniforms in `[0, 1)` from the samplers' generator, for your own noise classes.
+
+    The same seed gives the same numbers on TensorFlow, JAX and PyTorch, with
+    or without XLA (24-bit uniforms from Threefry-2x32; `keras.random` draws
+    other numbers on each backend and refuses tensor seeds on some).
+
+    Args:
+        seed: A Python int or an integer tensor of shape `[2]`, as `Sampler.sample` receives it.
+        num_examples: The number of uniforms (a Python int, or a scalar tensor in a traced
+            TensorFlow step).
+        dtype: Floating dtype. Defaults to `"float32"`.
+        stream: An int in `[0, 2**32)` that selects an independent stream of the same seed
+            (the built-in samplers use 0 and 1). Defaults to `0`.
+
+    Returns:
+        A `[num_examples]` tensor.
+    """
+    num_examples = check_int("num_examples", num_examples, 1)
+    stream = check_int("stream", stream, 0, maximum=2**32 - 1)
+    w, _ = _rng.words(_as_seed(seed), num_examples, stream)
+    return _rng.uniform(w, keras.backend.standardize_dtype(dtype))
+
 
 # --------------------------------------------------------------------------
 # Names and (de)serialization.

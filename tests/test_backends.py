@@ -239,3 +239,83 @@ def test_ghost_batch_normalization_is_batch_normalization_ghost_by_ghost():
     ghosts = [x[s:s + 4] for s in range(0, 10, 4)]
     mean = sum(len(g) * g.mean(0) for g in ghosts) / 10
     np.testing.assert_allclose(to_numpy(layer.moving_mean), 0.5 * mean, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- keras.distribution on JAX
+DATA_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import json
+    import jax
+    import keras
+    import numpy as np
+    import keras_noisygd as kn
+
+    assert len(jax.devices()) == 2, jax.devices()
+    x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
+    y = np.arange(32) % 3
+
+    def train():
+        inputs = keras.Input((5,))
+        model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(6, "tanh")(inputs)))
+        model.set_weights([np.random.default_rng(i).normal(size=w.shape).astype("float32") * 0.5
+                           for i, w in enumerate(model.get_weights())])
+        model.compile(kn.NoisyGD(0.2, noise="sgd", emulate_batch_size=4, seed=6), "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+        devices = len(model.trainable_variables[0].value.sharding.device_set)  # replicated over the mesh
+        return [w.tolist() for w in model.get_weights()], model.optimizer.noise_state.numpy().tolist(), devices
+
+    single = train()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    parallel = train()
+    print("RESULT" + json.dumps({"single": single, "parallel": parallel}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_jax_data_parallel_over_two_devices_is_the_single_device_fit():
+    if keras.backend.backend() != "jax":
+        pytest.skip("keras.distribution.DataParallel runs on JAX")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[6:])
+    (single, single_state, one), (parallel, parallel_state, two) = result["single"], result["parallel"]
+    assert (one, two) == (1, 2)  # the second run is on both devices
+    assert single_state == parallel_state == [6, 6]  # one draw per global batch of 16, 6 steps
+    for a, b in zip(single, parallel):
+        # The step sees the global batch (sharded over the two devices) and draws its weights once, as one
+        # device does; only the cross-device reduction's float32 summation order differs (~1e-7).
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+
+
+def test_a_micro_batch_of_another_size_raises_or_reports_nan():
+    # 10 examples in micro-batches of 4: 4, 4 | 2, then (epoch 2) 4 -> an update of a 2 and a 4.
+    x, y = np.random.default_rng(0).normal(size=(10, 5)).astype("float32"), np.arange(10) % 3
+    inputs = keras.Input((5,))
+    model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    optimizer = kn.NoisyGD(0.1, noise="gaussian_centered", emulate_batch_size=2, seed=1, gradient_accumulation_steps=2)
+    torch = keras.backend.backend() == "torch"
+    # Compiled on TensorFlow too (XLA; without it TensorFlow raises, tested in test_accumulation.py).
+    model.compile(optimizer, "sparse_categorical_crossentropy", jit_compile=not torch)
+    if torch:  # eager: the check raises with its message
+        with pytest.raises(ValueError, match=r"every micro-batch of an update must have the same size.*"
+                                             r"Received: a micro-batch of 4 examples in an update whose first "
+                                             r"micro-batch had 2"):
+            model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        return
+    # Compiled (XLA, jax.jit): the weights turn NaN, so the reported loss does.
+    history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert np.isnan(history.history["loss"][-1])
+
+
+def test_public_uniform_is_the_samplers_generator():
+    got = to_numpy(noise.uniform([5, 7], 1000, stream=2))
+    np.testing.assert_array_equal(got, ref.uniform(ref.words([5, 7], 1000, 2)[0]))
+    assert 0 <= got.min() and got.max() < 1
+    with pytest.raises(ValueError, match=r"Argument `stream` must be an integer in \[0, 4294967295\]"):
+        noise.uniform(0, 3, stream=-1)
