@@ -2,7 +2,7 @@
 """Set up `.venv` and run one of the project's jobs. Needs only Python 3.10+ and pip.
 
     python3 tasks.py demo    # the demo: `compare` preset, GD vs SGD vs noisy GD on MNIST-1D
-    python3 tasks.py test    # the test suite on TensorFlow, its all_backends part on JAX and PyTorch, the docs build
+    python3 tasks.py test    # ruff, the test suite on TensorFlow, its all_backends part on JAX and PyTorch, the docs
     python3 tasks.py bench   # benchmarks/step_time.py; `bench per_example` runs benchmarks/per_example.py
     python3 tasks.py docs    # build the docs site into site/
 
@@ -55,8 +55,9 @@ def main(argv):
     if job == "demo":
         return run(PYTHON, "-m", "keras_noisygd", "compare", *argv[1:])
     if job == "test":
+        code = run(PYTHON, "-m", "ruff", "check", "keras_noisygd", "tests", "benchmarks", "examples", "tasks.py")
         ENV["KERAS_BACKEND"] = "tensorflow"  # the whole suite; then what runs on every backend, on each other one
-        code = run(PYTHON, "-m", "pytest", "-q", *argv[1:])
+        code = code or run(PYTHON, "-m", "pytest", "-q", *argv[1:])
         for backend in ("jax", "torch"):
             ENV["KERAS_BACKEND"] = backend
             code = code or run(PYTHON, "-m", "pytest", "-q", "-m", "all_backends", *argv[1:])

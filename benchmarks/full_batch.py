@@ -42,9 +42,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _timing import seconds_per_step  # noqa: E402  (benchmarks/ is the script's folder)
 
 import keras_noisygd as kn  # noqa: E402
-from _timing import seconds_per_step  # noqa: E402  (benchmarks/ is the script's folder)
 
 CLASSES, SHAPE = 10, (32, 32, 3)
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -31,12 +31,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-import keras_noisygd as kn  # noqa: E402
 from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 from _timing import seconds_per_step  # noqa: E402
-from keras_noisygd import _gram  # noqa: E402
 from step_time import MODELS, synthetic_batch  # noqa: E402
+
+import keras_noisygd as kn  # noqa: E402
+from keras_noisygd import _gram  # noqa: E402
 
 WAYS = ("none", "auto", "per_example")  # no monitor, and the monitor's two methods
 

@@ -43,9 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 
 import keras_noisygd as kn  # noqa: E402
-from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 
 tf.get_logger().setLevel("ERROR")  # every method is a new tf.function of the same code: no retracing warnings
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -53,6 +53,17 @@ LOOPS = ("loop xla", "loop eager")
 
 
 # ---------------------------------------------------------------- the three architectures, in Keras and in JAX
+
+def median_seconds(fn, repeats):
+    """Median seconds per call of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
 def paper_cnn():
     """(a) The paper's Fashion-MNIST network: 11,330 parameters."""
     return keras.Sequential(

@@ -27,9 +27,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import seconds_per_step as _in_fit  # noqa: E402  (benchmarks/ is the script's folder)
 
 import keras_noisygd as kn  # noqa: E402
-from _timing import seconds_per_step as _in_fit  # noqa: E402  (benchmarks/ is the script's folder)
 
 EXECUTION = 1 if keras.backend.backend() == "torch" else 20  # steps_per_execution (PyTorch allows only 1)
 

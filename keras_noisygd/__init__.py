@@ -17,7 +17,7 @@ from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, no
 from keras_noisygd.optimizers import NoiseMixin, NoisyAdam, NoisyAdamW, NoisyGD, find_noisy_optimizer  # noqa: E402
 
 if keras.backend.backend() == "tensorflow":
-    from keras_noisygd import monitor  # noqa: E402
+    from keras_noisygd import monitor  # noqa: E402, F401  (keras_noisygd.monitor, as before)
     from keras_noisygd.monitor import NoiseMonitor  # noqa: E402
     from keras_noisygd.per_example import per_example_gradients  # noqa: E402
 else:  # built on tf.vectorized_map and tf.function for now: a clear error on the other backends

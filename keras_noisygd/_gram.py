@@ -38,7 +38,7 @@ import keras
 import tensorflow as tf
 
 from keras_noisygd import _layer_rules, per_example
-from keras_noisygd.gradients import batch_size_of
+from keras_noisygd.gradients import _batch_size_of
 
 Plan = collections.namedtuple("Plan", ["capture", "layers", "rules"])
 
@@ -105,7 +105,7 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     values = {id(v): v.value for v in capture_model.trainable_variables}
     trainable = [values[id(v)] for v in model.trainable_variables]
     non_trainable = [v.value for v in capture_model.non_trainable_variables]
-    batch_size = batch_size_of(x)
+    batch_size = _batch_size_of(x)
     # The check compares one variable's batch gradient per layer (a bias where there is one: cheap) with the
     # one rebuilt from the captured values.
     checked = [values[id(rule.checked(layer))] for layer, rule in zip(plan_.layers, plan_.rules)]

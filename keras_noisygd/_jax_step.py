@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import keras
 
-from keras_noisygd.gradients import batch_size_of, combine_weights
+from keras_noisygd.gradients import _batch_size_of, _combine_weights
 from keras_noisygd.optimizers import find_noisy_optimizer
 
 
@@ -26,12 +26,12 @@ def train_step(model, state, data):
     trainable, non_trainable, optimizer_values, metrics_values = state
     _check_reductions(model.loss)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    batch_size = batch_size_of(x)  # a Python int: JAX traces with static shapes
+    batch_size = _batch_size_of(x)  # a Python int: JAX traces with static shapes
 
     with keras.StatelessScope(state_mapping=list(zip(model.optimizer.variables, optimizer_values))) as scope:
         weights = find_noisy_optimizer(model.optimizer).noise_weights(batch_size, keras.config.floatx())
     optimizer_values = [scope.get_current_value(v) for v in model.optimizer.variables]  # the micro-batch record
-    noisy_weights = combine_weights(sample_weight, weights)
+    noisy_weights = _combine_weights(sample_weight, weights)
 
     def scaled_noisy_loss(trainable):
         mapping = [

@@ -7,10 +7,13 @@ and rotations of 32-bit words, so every backend computes the same bits, with
 or without XLA. `keras.random` cannot give that: each backend has its own
 generator and seed dtype.
 
-Words are `uint32` on JAX (which has no 64-bit integers unless
-`jax_enable_x64` is set) and `int64` masked to 32 bits after every addition
-and shift on TensorFlow and PyTorch (PyTorch has no `uint32` arithmetic);
-the values, always in `[0, 2**32)`, are the same.
+Words are `uint32` on TensorFlow and JAX (which has no 64-bit integers
+unless `jax_enable_x64` is set) and `int64` masked to 32 bits after every
+addition and shift on PyTorch (which has no `uint32` arithmetic); the values,
+always in `[0, 2**32)`, are the same. The rounds use the backends' own
+operators (`+`, `^`, `|`, shifts) rather than `keras.ops`: in eager PyTorch a
+`keras.ops` call costs several times the operation itself, and a draw is
+~150 of them.
 
 Key: the sampler's stateless seed `[seed, update]`. Counter: `(i, stream)`
 for example `i`, so each use (`stream`) of a step's key has its own
@@ -29,22 +32,43 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = 0x1BD11BDA
 
 
+_BACKEND = keras.backend.backend()
+
+
 def word_dtype():
-    """`"uint32"` on JAX, `"int64"` elsewhere."""
-    return "uint32" if keras.backend.backend() == "jax" else "int64"
+    """`"int64"` on PyTorch, `"uint32"` elsewhere."""
+    return "int64" if _BACKEND == "torch" else "uint32"
 
 
 def _wrap(x):
-    """`x mod 2**32`: a no-op on `uint32`, a mask on `int64`."""
-    return x if keras.backend.standardize_dtype(x.dtype) == "uint32" else ops.bitwise_and(x, MASK)
+    """`x mod 2**32`: a mask on PyTorch's `int64` words, nothing on `uint32`."""
+    return x & MASK if _BACKEND == "torch" else x
+
+
+if _BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    def _shift_left(x, r):
+        return tf.bitwise.left_shift(x, tf.constant(r, x.dtype))
+
+    def _shift_right(x, r):
+        return tf.bitwise.right_shift(x, tf.constant(r, x.dtype))
+
+else:  # JAX arrays and PyTorch tensors have the shift operators
+
+    def _shift_left(x, r):
+        return x << r
+
+    def _shift_right(x, r):
+        return x >> r
 
 
 def _add(x, y):
-    return _wrap(ops.add(x, y))
+    return _wrap(x + y)
 
 
 def _rotate_left(x, r):
-    return _wrap(ops.bitwise_or(ops.left_shift(x, r), ops.right_shift(x, 32 - r)))
+    return _wrap(_shift_left(x, r)) | _shift_right(x, 32 - r)
 
 
 def threefry2x32(key, x0, x1):
@@ -58,15 +82,15 @@ def threefry2x32(key, x0, x1):
         The pair of output word arrays, each of the counters' shape.
     """
     k0, k1 = key
-    ks = (k0, k1, ops.bitwise_xor(ops.bitwise_xor(k0, k1), ops.cast(_PARITY, k0.dtype)))
+    ks = (k0, k1, k0 ^ k1 ^ ops.cast(_PARITY, k0.dtype))
     x0, x1 = _add(x0, ks[0]), _add(x1, ks[1])
     for group in range(5):  # 5 x 4 = 20 rounds, a key injection after every 4
         for r in _ROTATIONS[group % 2]:
             x0 = _add(x0, x1)
-            x1 = ops.bitwise_xor(_rotate_left(x1, r), x0)
+            x1 = _rotate_left(x1, r) ^ x0
         s = group + 1
         x0 = _add(x0, ks[s % 3])
-        x1 = _add(_add(x1, ks[(s + 1) % 3]), ops.cast(s, x1.dtype))
+        x1 = _add(x1, _add(ks[(s + 1) % 3], ops.cast(s, x1.dtype)))
     return x0, x1
 
 
@@ -90,7 +114,7 @@ def words(seed, n, stream):
 
 def uniform(w, dtype="float32"):
     """Uniforms in `[0, 1)` from the top 24 bits of each word: exact in any float dtype, on every backend."""
-    return ops.cast(ops.right_shift(w, 8), dtype) * (2.0**-24)
+    return ops.cast(_shift_right(w, 8), dtype) * (2.0**-24)
 
 
 def normal(w0, w1, dtype="float32"):
@@ -110,11 +134,12 @@ def below(w, n):
     `n` is a positive integer below `2**31` (a Python int or a scalar tensor).
     """
     n = ops.cast(n, w.dtype)
-    a, b = ops.right_shift(w, 16), ops.bitwise_and(w, 0xFFFF)
-    c, d = ops.right_shift(n, 16), ops.bitwise_and(n, 0xFFFF)
+    low = ops.cast(0xFFFF, w.dtype)
+    a, b = _shift_right(w, 16), w & low
+    c, d = _shift_right(n, 16), n & low
     ad, bc = a * d, b * c  # each < 2**32
-    middle = ops.right_shift(b * d, 16) + ops.bitwise_and(ad, 0xFFFF) + ops.bitwise_and(bc, 0xFFFF)  # < 3 * 2**16
-    return a * c + ops.right_shift(ad, 16) + ops.right_shift(bc, 16) + ops.right_shift(middle, 16)
+    middle = _shift_right(b * d, 16) + (ad & low) + (bc & low)  # < 3 * 2**16
+    return a * c + _shift_right(ad, 16) + _shift_right(bc, 16) + _shift_right(middle, 16)
 
 
 def smallest(keys, k):
@@ -125,6 +150,8 @@ def smallest(keys, k):
     lower index; exactly `k` entries are set in any case. One sort, no argsort
     (whose stability differs between backends); `k` may be a tensor.
     """
+    if _BACKEND == "tensorflow":
+        keys = ops.cast(keys, "int64")  # TensorFlow sorts no uint32
     n = ops.shape(keys)[0]
     k = ops.clip(ops.cast(k, "int32"), 1, n)  # k > n reaches the sampler's own run-time check instead
     threshold = ops.take(ops.sort(keys), k - 1)

@@ -13,14 +13,14 @@ else:
 __all__ = ["noisy_gradients"]
 
 
-def batch_size_of(x):
+def _batch_size_of(x):
     """Number of examples in `x` (a tensor or a nest of tensors): a Python int when static."""
     first = next(t for t in tree.flatten(x) if t is not None)
     static = first.shape[0]
     return int(static) if static is not None else ops.shape(first)[0]
 
 
-def combine_weights(sample_weight, weights):
+def _combine_weights(sample_weight, weights):
     """The user's `sample_weight` (None, a tensor or a nest of them) times the `[B]` noise weights.
 
     Each user weight tensor (`[B]`, `[B, 1]`, `[B, T]`, ...) is cast to the noise
@@ -84,7 +84,7 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     ```
     """
-    weights = combine_weights(sample_weight, weights)
+    weights = _combine_weights(sample_weight, weights)
 
     def weighted_loss():
         y_pred = model(x, training=True)

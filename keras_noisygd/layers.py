@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
-
 import keras
 from keras import ops
+
+from keras_noisygd._checks import check_int
 
 __all__ = ["GhostBatchNormalization"]
 
@@ -94,11 +94,7 @@ class GhostBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def __init__(self, ghost_batch_size, **kwargs):
-        integral = isinstance(ghost_batch_size, numbers.Integral) and not isinstance(ghost_batch_size, bool)
-        if not integral or ghost_batch_size < 1:
-            raise ValueError(
-                f"Argument `ghost_batch_size` must be an int >= 1. Received: ghost_batch_size={ghost_batch_size!r}"
-            )
+        ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, 1)
         if kwargs.get("synchronized"):
             raise ValueError(
                 "Argument `synchronized` must be False for GhostBatchNormalization: ghost batches are parts of "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import ops, tree
 
-from keras_noisygd.gradients import batch_size_of, combine_weights
+from keras_noisygd.gradients import _batch_size_of, _combine_weights
 from keras_noisygd.optimizers import find_noisy_optimizer
 
 if keras.backend.backend() == "tensorflow":
@@ -61,7 +61,7 @@ class NoisyTrainStep:
                 return super().train_step(data)
             _check_reductions(self.loss)
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            batch_size = batch_size_of(x)
+            batch_size = _batch_size_of(x)
             weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
             if optimizer.engine == "per_example":
                 y_pred, gradients = self._per_example_gradients(x, y, sample_weight, weights, optimizer.chunk_size)
@@ -82,7 +82,7 @@ class NoisyTrainStep:
             y_pred.append(self(x, training=True))
             with _per_output_loss_metrics_untouched(self, y_pred[0]):  # they must see the clean loss only
                 loss = self.compute_loss(
-                    x=x, y=y, y_pred=y_pred[0], sample_weight=combine_weights(sample_weight, weights), training=True
+                    x=x, y=y, y_pred=y_pred[0], sample_weight=_combine_weights(sample_weight, weights), training=True
                 )
             return self.optimizer.scale_loss(loss)
 
@@ -90,12 +90,12 @@ class NoisyTrainStep:
         return y_pred[0], gradients
 
     def _per_example_gradients(self, x, y, sample_weight, weights, chunk_size):
-        """`G W + grad R` with `G` formed: the same update, through `per_example.compute` (TensorFlow)."""
+        """`G W + grad R` with `G` formed: the same update, through `per_example._compute` (TensorFlow)."""
         from keras_noisygd import per_example
 
         # The scaling `compute_loss` and `scale_loss` apply: 1/replicas (tf.distribute) and the loss scale.
         loss_scale = self.optimizer.scale_loss(ops.convert_to_tensor(1.0 / _bookkeeping.num_replicas(), weights.dtype))
-        result = per_example.compute(
+        result = per_example._compute(
             self, x, y, sample_weight, weights=weights, chunk_size=chunk_size, loss_scale=loss_scale
         )
         # The engine's batched training-mode forward pass is this step's forward pass: its predictions feed

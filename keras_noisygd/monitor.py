@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_noisygd import _gram
-from keras_noisygd._checks import at_most
 from keras_noisygd import noise as noise_lib
+from keras_noisygd._checks import at_most, check_int
 from keras_noisygd.optimizers import find_noisy_optimizer
 from keras_noisygd.per_example import per_example_gradients
 
@@ -137,8 +137,7 @@ class NoiseMonitor(keras.callbacks.Callback):
         super().__init__()
         if method not in ("auto", "per_example"):
             raise ValueError(f"Argument `method` must be 'auto' or 'per_example'. Received: method={method!r}")
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"Argument `every_n_steps` must be an int >= 1. Received: every_n_steps={every_n_steps!r}")
+        every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         if not isinstance(probe_batch, (tuple, list)) or len(probe_batch) not in (2, 3):
             raise ValueError(
                 "Argument `probe_batch` must be a tuple (x, y) or (x, y, sample_weight). "

@@ -35,7 +35,8 @@ import collections
 import keras
 import tensorflow as tf
 
-from keras_noisygd.gradients import batch_size_of
+from keras_noisygd._checks import check_int
+from keras_noisygd.gradients import _batch_size_of
 
 __all__ = ["per_example_gradients", "METHODS"]
 
@@ -91,13 +92,13 @@ def per_example_gradients(model, x, y, sample_weight=None, loss=None, chunk_size
     mean_gradient = [keras.ops.mean(g, axis=0) for g in grads]   # = the batch gradient
     ```
     """
-    result = compute(model, x, y, sample_weight=sample_weight, loss=loss, chunk_size=chunk_size, method=method)
+    result = _compute(model, x, y, sample_weight=sample_weight, loss=loss, chunk_size=chunk_size, method=method)
     if result.regularization_gradients is None:
         return result.gradients
     return [g + r[None] for g, r in zip(result.gradients, result.regularization_gradients)]
 
 
-def compute(
+def _compute(
     model,
     x,
     y,
@@ -130,11 +131,11 @@ def compute(
         if plan is not None:
             dtype = model.trainable_variables[0].dtype
             scale = tf.cast(loss_scale, dtype)
-            data_scale = scale if weights is None else scale / tf.cast(batch_size_of(x), dtype)
+            data_scale = scale if weights is None else scale / tf.cast(_batch_size_of(x), dtype)
             fast = _gram.rows(plan, model, x, y, sample_weight, loss, data_scale, scale)
             if fast is not None:
-                return _from_layer_rows(model, *fast, weights, lambda: _compute(*arguments))
-    return _compute(*arguments)
+                return _from_layer_rows(model, *fast, weights, lambda: _general(*arguments))
+    return _general(*arguments)
 
 
 def _from_layer_rows(model, rows, captured, weights, general):
@@ -153,11 +154,11 @@ def _from_layer_rows(model, rows, captured, weights, general):
     return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
 
 
-def _compute(model, x, y, sample_weight, loss, chunk_size, method, weights, loss_scale):
+def _general(model, x, y, sample_weight, loss, chunk_size, method, weights, loss_scale):
     loss_fn = _loss_function(model, loss)
     trainable = [v.value for v in model.trainable_variables]
     non_trainable_values = [v.value for v in model.non_trainable_variables]
-    batch_size = batch_size_of(x)
+    batch_size = _batch_size_of(x)
     dtype = trainable[0].dtype
     scale = tf.cast(loss_scale, dtype)
     # With weights, the 1/B of the weighted mean goes into the backward pass: each row then has the size of
@@ -208,8 +209,7 @@ def _compute(model, x, y, sample_weight, loss, chunk_size, method, weights, loss
 def _check_arguments(model, chunk_size, method):
     if method not in METHODS:
         raise ValueError(f"Argument `method` must be one of {list(METHODS)}. Received: method={method!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"Argument `chunk_size` must be None or an int >= 1. Received: chunk_size={chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1, allow_none=True)
     if not model.built:
         raise ValueError(
             f"Argument `model` must be built (call it on a batch or give it an Input) before per-example "
@@ -217,13 +217,6 @@ def _check_arguments(model, chunk_size, method):
         )
     if not model.trainable_variables:
         raise ValueError(f"Argument `model` has no trainable variables. Received: model={model.name!r}")
-
-
-def _chunks(batch_size, chunk_size):
-    """Number of chunks and the (padded) example index of every chunk row: `[chunks, chunk_size]`."""
-    chunks = (batch_size + chunk_size - 1) // chunk_size
-    rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
-    return chunks, rows
 
 
 def _vectorized(one_example, batch, batch_size, chunk_size, weights, trainable):

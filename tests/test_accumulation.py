@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf  # the TensorFlow-only tests (TensorFlow is installed for every run)
+from helpers import classification_data, exact, mlp, to_numpy
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from helpers import classification_data, exact, mlp, to_numpy
 
 pytestmark = pytest.mark.all_backends
 

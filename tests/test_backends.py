@@ -19,10 +19,10 @@ import keras
 import numpy as np
 import pytest
 import rng_reference as ref
+from helpers import to_numpy
 
 import keras_noisygd as kn
 from keras_noisygd import _rng, noise
-from helpers import to_numpy
 
 pytestmark = pytest.mark.all_backends
 
@@ -30,7 +30,7 @@ SEEDS = [[0, 0], [5, 7], [2**31 - 1, 123_456]]
 
 
 def words(values):
-    return keras.ops.convert_to_tensor(np.asarray(values, np.uint32 if keras.backend.backend() == "jax" else np.int64))
+    return keras.ops.convert_to_tensor(np.asarray(values, np.int64 if keras.backend.backend() == "torch" else np.uint32))
 
 
 # Known-answer vectors of Threefry-2x32-20 from Random123 (kat_vectors): key, counter, output.
@@ -319,3 +319,44 @@ def test_public_uniform_is_the_samplers_generator():
     assert 0 <= got.min() and got.max() < 1
     with pytest.raises(ValueError, match=r"Argument `stream` must be an integer in \[0, 4294967295\]"):
         noise.uniform(0, 3, stream=-1)
+
+
+# ---------------------------------------------------------------- PyTorch distributed data parallel: refused
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=int(sys.argv[1]), world_size=2)
+    import keras
+    import numpy as np
+    import keras_noisygd as kn
+
+    inputs = keras.Input((5,))
+    model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    model.compile(kn.NoisyGD(0.1, noise="sgd", emulate_batch_size=2, seed=1), "sparse_categorical_crossentropy")
+    try:
+        model.fit(np.zeros((8, 5), "float32"), np.zeros(8), batch_size=4, verbose=0)
+    except ValueError as error:
+        print("REFUSED", error)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_torch_distributed_data_parallel_is_refused_clearly():
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's torch.distributed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    workers = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(rank), port], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+        assert "REFUSED NoisyGD does not support PyTorch distributed data parallel" in out, out + err[-2000:]
+        assert "world size 2" in out

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from distribute_scripts import common
 
 import keras_noisygd as kn
-from distribute_scripts import common
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "distribute_scripts"

@@ -10,7 +10,6 @@ import pytest
 import keras_noisygd as kn
 from keras_noisygd.experiments import architectures, data
 
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import classification_data, mlp
 
 import keras_noisygd as kn
-from helpers import classification_data, mlp
 
 B = 12
 

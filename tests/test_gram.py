@@ -336,7 +336,7 @@ def test_embedding_and_layernorm_rows_equal_the_loop_and_the_general_path(float6
     model = build()
     x, y = _inputs(spec, seed=1)
     sample_weight = tf.constant(np.linspace(2.0, 0.5, B))
-    assert per_example.compute(model, x, y, sample_weight=sample_weight).method == "layers"
+    assert per_example._compute(model, x, y, sample_weight=sample_weight).method == "layers"
     # The layer rows themselves (not the tf.cond's fallback): their check passes and they equal the loop.
     data_rows, captured = _gram.rows(_gram.plan(model), model, x, y, sample_weight=sample_weight)
     assert float(captured.mismatch) < 1e-12
@@ -409,7 +409,7 @@ def test_batch_coupled_models_fall_back_and_stay_exact(float64, layer):
     model = _with(layer())
     x, y = _inputs(("ids", (4,), 9))
     assert _gram.plan(model) is None
-    result = per_example.compute(model, x, y)
+    result = per_example._compute(model, x, y)
     assert result.method == "jacobian"
     trainable = [v.value for v in model.trainable_variables]
     state = [v.value for v in model.non_trainable_variables]

@@ -194,7 +194,7 @@ def test_per_example_gradients_go_through_each_rows_ghost_batch(float64, n):
     loop = [np.stack(rows) for rows in zip(*(tape.gradient(loss, trainable) for loss in per_row))]
 
     before = model.get_weights()
-    result = per_example.compute(model, x, y)
+    result = per_example._compute(model, x, y)
     assert result.method == "jacobian"  # the layer updates state in training, so "auto" picks the Jacobian
     for g, expected, variable in zip(result.gradients, loop, model.trainable_variables):
         assert g.shape == (n, *variable.shape)
@@ -287,7 +287,7 @@ def test_save_and_load_round_trip(float64, tmp_path):
     np.testing.assert_array_equal(loaded(x, training=True), model(x, training=True))
 
 
-BAD_SIZE = re.escape("Argument `ghost_batch_size` must be an int >= 1. Received: ghost_batch_size=")
+BAD_SIZE = re.escape("Argument `ghost_batch_size` must be an integer >= 1. Received: ghost_batch_size=")
 
 
 @pytest.mark.parametrize(

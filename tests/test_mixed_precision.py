@@ -4,10 +4,10 @@ the noisy step still finds the noise, draws it in float32, and trains like float
 import keras
 import numpy as np
 import pytest
+from helpers import classification_data, mlp, to_numpy
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from helpers import classification_data, mlp, to_numpy
 
 pytestmark = pytest.mark.all_backends
 

@@ -108,7 +108,7 @@ def test_tensorboard_scalars_are_written(float64, tmp_path):
 
 def test_bad_arguments():
     x, y = classification_data(n=16)
-    with pytest.raises(ValueError, match=r"`every_n_steps` must be an int >= 1. Received: every_n_steps=0"):
+    with pytest.raises(ValueError, match=r"`every_n_steps` must be an integer >= 1. Received: every_n_steps=0"):
         kn.NoiseMonitor((x, y), every_n_steps=0)
     with pytest.raises(ValueError, match=r"`probe_batch` must be a tuple"):
         kn.NoiseMonitor(x)

@@ -1,8 +1,8 @@
 """Samplers against paper-notes sections 3 and 6: mean, covariance, calibration, purity."""
 
 import numpy as np
-import rng_reference
 import pytest
+import rng_reference
 import tensorflow as tf
 
 from keras_noisygd import noise

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
+from helpers import FixedWeights, classification_data, mlp, to_numpy
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from helpers import FixedWeights, classification_data, mlp, to_numpy
 
 pytestmark = pytest.mark.all_backends
 

@@ -11,8 +11,8 @@ import importlib.util
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 import numpy as np
+import tensorflow as tf
 
 import keras_noisygd as kn
 

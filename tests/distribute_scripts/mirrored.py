@@ -15,6 +15,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import common  # noqa: E402
+
 import keras_noisygd as kn  # noqa: E402
 
 N, BATCH, EPOCHS = 16, 8, 2  # 4 steps of a global batch of 8: 4 examples per replica

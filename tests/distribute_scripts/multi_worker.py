@@ -13,10 +13,9 @@ import json
 import os
 import sys
 
+import common
 import numpy as np
 import tensorflow as tf
-
-import common
 
 N, BATCH, EPOCHS = 16, 8, 2  # the runs of mirrored.py: 4 steps of a global batch of 8, 4 examples per worker
 
