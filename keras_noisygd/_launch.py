@@ -61,6 +61,7 @@ def quiet_start():
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
+            import keras  # noqa: F401  (its backend first: TensorFlow imported before PyTorch crashes it)
             import tensorflow  # noqa: F401
         finally:
             os.dup2(saved, 2)

@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 from keras_noisygd import noise as noise_lib
-from keras_noisygd._checks import at_most, check_int, guarded
+from keras_noisygd._checks import at_most, check_int, guarded, is_static
 
 if keras.backend.backend() == "tensorflow":
     from keras_noisygd import _tf_bookkeeping as _bookkeeping
@@ -129,6 +129,7 @@ class NoiseMixin:
                 shape=(), dtype=_STATE_DTYPE, name="noise_micro_batch_size", aggregation="only_first_replica"
             )
         self._drawn = _bookkeeping.DrawnGraphs()
+        self._full_update_seen = False  # whether an update of at least `emulate_batch_size` examples was drawn
 
     @property
     def noise_state(self):
@@ -139,10 +140,11 @@ class NoiseMixin:
         """The per-example loss weights `m` of the next step (`E[m_i] = 1`).
 
         Calling it again before `apply_gradients` returns the same weights. With
-        `emulate_batch_size=b`, an update of fewer than `b` examples is an error
-        when its size is known while tracing; a smaller update that only shows up
-        at run time (a partial last batch) gets `m = 1`: drawing fewer than `b`
-        examples already carries at least SGD(`b`)'s sampling noise. An empty
+        `emulate_batch_size=b`, a first update of fewer than `b` examples is an
+        error; a smaller update after full ones (a partial last batch: a run-time
+        size under TensorFlow, a static one on JAX and PyTorch) gets `m = 1`:
+        drawing fewer than `b` examples already carries at least SGD(`b`)'s
+        sampling noise. An empty
         batch is an error (at run time without XLA; under XLA the train step
         reports loss NaN).
 
@@ -238,6 +240,14 @@ class NoiseMixin:
         b, conditions = self._emulated_batch_size(update)
         if b is None:
             return self.noise.sample(seed, size, dtype), conditions
+        if is_static(b) and is_static(size):
+            if size >= b:
+                self._full_update_seen = True
+            elif self._full_update_seen:
+                # A smaller update after full ones: a partial last batch, which JAX and PyTorch see with its
+                # static size (TensorFlow's traced step sees it at run time, below). Drawing fewer than b
+                # examples already carries at least SGD(b)'s noise.
+                return ops.ones([size], dtype), conditions
         # Checked before calibrating, so that a static b > B names the user's argument.
         run_time_check = at_most("emulate_batch_size", b, "the batch size B of every step", size)
         sampler = self.noise.calibrated(b, size)

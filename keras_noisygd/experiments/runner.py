@@ -116,12 +116,14 @@ def fit(dataset, method, config, seed):
     else:
         optimizer = NoisyGD(config.lr, noise=method.noise, emulate_batch_size=method.emulate_batch_size, seed=seed, **kwargs)
     micro_steps = k or 1  # Keras's fit counts micro-steps; `steps` and `eval_every` count updates
+    chunk = config.eval_every * micro_steps  # micro-steps between two points of the test curve
+    execution = 1 if keras.backend.backend() == "torch" else chunk  # PyTorch runs one step per call
     model.compile(
         optimizer,
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        steps_per_execution=config.eval_every * micro_steps,  # Python (and the test curve) once per chunk
-        jit_compile=config.jit_compile,
+        steps_per_execution=execution,  # Python (and the test curve) once per chunk
+        jit_compile=config.jit_compile and keras.backend.backend() != "torch",  # there it means torch.compile
     )
     n = len(dataset.x_train)
     data = tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
@@ -130,7 +132,7 @@ def fit(dataset, method, config, seed):
     # k consecutive micro-batches of the repeated stream are exactly one batch of the unsplit stream.
     data = data.repeat().batch(method.batch_size // micro_steps, drop_remainder=True).prefetch(2)
 
-    curve = TestCurve(dataset.x_test, dataset.y_test)
+    curve = TestCurve(dataset.x_test, dataset.y_test, every=chunk // execution)
     model.fit(data, steps_per_epoch=config.steps * micro_steps, epochs=1, verbose=0, shuffle=False, callbacks=[curve])
     return model, curve
 
@@ -154,16 +156,23 @@ class TestCurve(keras.callbacks.Callback):
     is the wall time of `fit` without the evaluations.
     """
 
-    def __init__(self, x, y):
+    def __init__(self, x, y, every=1):
         super().__init__()
         self.x, self.y, self.points, self.seconds, self.train_seconds = x, y, [], 0.0, 0.0
+        self.every, self.calls = every, 0  # batch callbacks per point of the curve
 
     def on_train_begin(self, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        self.calls += 1
+        if self.calls % self.every:
+            return
         start = time.perf_counter()
-        self.points.append((int(self.model.optimizer.iterations.numpy()), accuracy(self.model, self.x, self.y)))
+        if hasattr(self.model, "jax_state_sync"):  # JAX keeps the trained values outside the model during fit
+            self.model.jax_state_sync()
+        updates = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.points.append((updates, accuracy(self.model, self.x, self.y)))
         self.seconds += time.perf_counter() - start
 
     def on_train_end(self, logs=None):
@@ -171,5 +180,8 @@ class TestCurve(keras.callbacks.Callback):
 
 
 def accuracy(model, x, y, batch_size=2048):
-    predictions = [np.argmax(model(x[i : i + batch_size], training=False), -1) for i in range(0, len(x), batch_size)]
+    predictions = [
+        np.argmax(keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)), -1)
+        for i in range(0, len(x), batch_size)
+    ]
     return float(np.mean(np.concatenate(predictions) == y))
