@@ -14,6 +14,7 @@ that imports the package as a library keeps TensorFlow's own behaviour.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -47,6 +48,18 @@ def launched_as_command(orig_argv=None, argv0=None):
     return os.path.splitext(os.path.basename(argv0))[0] in (COMMAND, COMMAND + "-script")
 
 
+def _keras_backend():
+    """The backend Keras will pick: `KERAS_BACKEND`, else its `keras.json`, else TensorFlow."""
+    if "KERAS_BACKEND" in os.environ:
+        return os.environ["KERAS_BACKEND"]
+    path = os.path.join(os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")), "keras.json")
+    try:
+        with open(path) as config:
+            return json.load(config).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
 def is_startup_noise(line):
     return any(marker in line for marker in _STARTUP_NOISE)
 
@@ -61,7 +74,8 @@ def quiet_start():
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import keras  # noqa: F401  (its backend first: TensorFlow imported before PyTorch crashes it)
+            if _keras_backend() != "tensorflow":
+                import keras  # noqa: F401  (its backend first: TensorFlow imported before PyTorch crashes it)
             import tensorflow  # noqa: F401
         finally:
             os.dup2(saved, 2)

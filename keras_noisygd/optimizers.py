@@ -144,9 +144,8 @@ class NoiseMixin:
         error; a smaller update after full ones (a partial last batch: a run-time
         size under TensorFlow, a static one on JAX and PyTorch) gets `m = 1`:
         drawing fewer than `b` examples already carries at least SGD(`b`)'s
-        sampling noise. An empty
-        batch is an error (at run time without XLA; under XLA the train step
-        reports loss NaN).
+        sampling noise. An empty batch is an error (at run time without XLA;
+        under XLA the train step reports loss NaN).
 
         Under gradient accumulation (`gradient_accumulation_steps=k`) the
         weights are the micro-step's slice of one draw for the whole update of
