@@ -1,4 +1,4 @@
-"""Counter-based random numbers in integer `keras.ops`: the same bits on TensorFlow, JAX and PyTorch.
+"""Counter-based random numbers from integer operations: the same bits on TensorFlow, JAX and PyTorch.
 
 The samplers draw from Threefry-2x32 with 20 rounds (Salmon et al., SC 2011,
 "Parallel random numbers: as easy as 1, 2, 3"; JAX's default generator): a

@@ -196,6 +196,18 @@ def test_a_layer_applied_twice_shows_in_the_mismatch(float64):
     assert float(mismatch) > 1e-2  # only the first call's input and output are captured
 
 
+def _assert_monitor_statistics(model, x, y, gram, auto_source):
+    """NoiseMonitor's statistics on the probe (x, y) equal those of `gram` = G G^T, with either method."""
+    expected = kn.monitor.noise_statistics(gram, np.ones(B), np.zeros((B, B)), kn.noise.SGDSampling(3).covariance(B))
+    for option, source in (("auto", auto_source), ("per_example", "per_example")):
+        monitor = kn.NoiseMonitor((x, y), every_n_steps=1, sgd_batch_size=3, method=option)
+        monitor.set_model(model)
+        monitor.on_train_begin()
+        assert monitor.gram_source == source
+        for key in ("grad_norm", "sgd_cov_trace", "noise_scale"):
+            np.testing.assert_allclose(monitor.history[-1][key], expected[key], **TOL, err_msg=key)
+
+
 @pytest.mark.parametrize(
     "build, shape, method",
     [(lambda: _mlp(1e-2), (5,), "layers"), (_shared, (4,), "per_example"),
@@ -205,16 +217,7 @@ def test_a_layer_applied_twice_shows_in_the_mismatch(float64):
 def test_monitor_uses_the_gram_path_where_it_applies_and_agrees_with_g(float64, build, shape, method):
     model = build()
     x, y = _data(shape)
-    expected = kn.monitor.noise_statistics(
-        _reference(model, x, y), np.ones(B), np.zeros((B, B)), kn.noise.SGDSampling(3).covariance(B)
-    )
-    for option, source in (("auto", method), ("per_example", "per_example")):
-        monitor = kn.NoiseMonitor((x, y), every_n_steps=1, sgd_batch_size=3, method=option)
-        monitor.set_model(model)
-        monitor.on_train_begin()
-        assert monitor.gram_source == source
-        for key in ("grad_norm", "sgd_cov_trace", "noise_scale"):
-            np.testing.assert_allclose(monitor.history[-1][key], expected[key], **TOL, err_msg=key)
+    _assert_monitor_statistics(model, x, y, _reference(model, x, y), auto_source=method)
 
 
 def test_float32_model_is_within_float32_rounding_and_passes_the_check():
@@ -368,16 +371,7 @@ def test_monitor_takes_the_layer_path_for_embedding_and_layernorm(float64, name)
     model = build()
     x, y = _inputs(spec)
     loop = _loop_rows(model, x, y, np.ones(B))
-    expected = kn.monitor.noise_statistics(
-        loop @ loop.T, np.ones(B), np.zeros((B, B)), kn.noise.SGDSampling(3).covariance(B)
-    )
-    for option, source in (("auto", "layers"), ("per_example", "per_example")):
-        monitor = kn.NoiseMonitor((x, y), every_n_steps=1, sgd_batch_size=3, method=option)
-        monitor.set_model(model)
-        monitor.on_train_begin()
-        assert monitor.gram_source == source
-        for key in ("grad_norm", "sgd_cov_trace", "noise_scale"):
-            np.testing.assert_allclose(monitor.history[-1][key], expected[key], **TOL, err_msg=key)
+    _assert_monitor_statistics(model, x, y, loop @ loop.T, auto_source="layers")
 
 
 def _with(layer, inputs=None):
