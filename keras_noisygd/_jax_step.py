@@ -50,8 +50,13 @@ def train_step(model, state, data):
             scaled = model.optimizer.scale_loss(noisy_loss)
         return scaled, (clean_loss, y_pred, state_after, metrics_after)
 
-    (_, aux), gradients = jax.value_and_grad(scaled_noisy_loss, has_aux=True)(trainable)
-    clean_loss, y_pred, non_trainable, metrics_values = aux
+    if find_noisy_optimizer(model.optimizer).engine == "per_example":
+        clean_loss, y_pred, non_trainable, metrics_values, gradients = _per_example_step(
+            model, (trainable, non_trainable, optimizer_values, metrics_values), (x, y, sample_weight), weights
+        )
+    else:
+        (_, aux), gradients = jax.value_and_grad(scaled_noisy_loss, has_aux=True)(trainable)
+        clean_loss, y_pred, non_trainable, metrics_values = aux
     trainable, optimizer_values = model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
 
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_values))) as scope:
@@ -59,3 +64,33 @@ def train_step(model, state, data):
         logs = model.compute_metrics(x, y, y_pred, sample_weight)
     metrics_values = [scope.get_current_value(v) for v in model.metrics_variables]
     return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+
+def _per_example_step(model, state, data, weights):
+    """`engine="per_example"`: `G W + grad R` from the state's values, and the clean loss of the same pass."""
+    from keras_noisygd import per_example
+
+    trainable, non_trainable, optimizer_values, metrics_values = state
+    x, y, sample_weight = data
+    with keras.StatelessScope(state_mapping=list(zip(model.optimizer.variables, optimizer_values))):
+        loss_scale = model.optimizer.scale_loss(keras.ops.convert_to_tensor(1.0, weights.dtype))
+    result = per_example._compute(
+        model, x, y, sample_weight, weights=weights, chunk_size=find_noisy_optimizer(model.optimizer).chunk_size,
+        loss_scale=loss_scale, values=(trainable, non_trainable),
+    )
+    gradients = result.gradients
+    if result.regularization_gradients is not None:
+        gradients = [g + r for g, r in zip(gradients, result.regularization_gradients)]
+    # The engine's batched forward pass is the step's: its predictions feed the loss and metrics, its new
+    # state (BN statistics, seeds) is the step's update.
+    non_trainable = [old if new is None else new for new, old in zip(result.state, non_trainable)]
+    y_pred = keras.tree.map_structure(jax.lax.stop_gradient, result.y_pred)
+    mapping = [
+        *zip(model.trainable_variables, trainable),
+        *zip(model.non_trainable_variables, non_trainable),
+        *zip(model.metrics_variables, metrics_values),
+    ]
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        clean_loss = model.compute_loss(x, y, y_pred, sample_weight, training=True)
+        metrics_values = [scope.get_current_value(v) for v in model.metrics_variables]
+    return clean_loss, y_pred, non_trainable, metrics_values, gradients

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops, tree
 
-from keras_noisygd import _gram
 from keras_noisygd import noise as noise_lib
+from keras_noisygd import per_example
 from keras_noisygd._checks import at_most, check_int
 from keras_noisygd.optimizers import find_noisy_optimizer
-from keras_noisygd.per_example import per_example_gradients
+
+_BACKEND = keras.backend.backend()
+
+
+def _wide_float():
+    """The Gram matrix's and the draws' dtype: float64, but float32 on JAX unless `jax_enable_x64` is set."""
+    if _BACKEND == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
 
 __all__ = ["NoiseMonitor", "noise_statistics", "STATISTICS"]
 
@@ -143,8 +153,14 @@ class NoiseMonitor(keras.callbacks.Callback):
                 "Argument `probe_batch` must be a tuple (x, y) or (x, y, sample_weight). "
                 f"Received: probe_batch of type {type(probe_batch).__name__}"
             )
-        self.probe_batch = tuple(tf.nest.map_structure(tf.convert_to_tensor, tuple(probe_batch)))
-        size = int(tf.nest.flatten(self.probe_batch[0])[0].shape[0])
+        if log_dir is not None and _BACKEND != "tensorflow":
+            raise ValueError(
+                "Argument `log_dir` writes TensorBoard summaries with `tf.summary`, which needs the TensorFlow "
+                "backend; on the others the values are in `fit`'s logs and `history` (a `keras.callbacks.CSVLogger` "
+                f"after this callback records them). Received: log_dir={log_dir!r} with the {_BACKEND!r} backend"
+            )
+        self.probe_batch = tuple(tree.map_structure(ops.convert_to_tensor, tuple(probe_batch)))
+        size = int(tree.flatten(self.probe_batch[0])[0].shape[0])
         if size < 2:
             raise ValueError(f"Argument `probe_batch` must hold at least 2 examples. Received: {size} example(s)")
         self.probe_size = size
@@ -166,9 +182,12 @@ class NoiseMonitor(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._noise_configuration()  # bad settings fail here, before the first step
         self._configurations = {}  # this fit's optimizer and model
-        self._gram = tf.function(self._gram_matrix, jit_compile=False)
-        self._plan = _gram.cached_plan(self.model) if self.method == "auto" else None
-        self._layer_gram = tf.function(self._layer_gram_matrix, jit_compile=False)
+        self._gram = _compiled(self._gram_matrix)
+        self._plan = None
+        if self.method == "auto" and _BACKEND == "tensorflow":  # the layer rules need TensorFlow for now
+            from keras_noisygd import _gram
+
+            self._plan = _gram.cached_plan(self.model)
         if self.log_dir is not None and self._writer is None:
             try:
                 import tensorboard  # noqa: F401  (tf.summary's scalar implementation)
@@ -177,7 +196,10 @@ class NoiseMonitor(keras.callbacks.Callback):
                     "Argument `log_dir` writes TensorBoard summaries, which need the `tensorboard` package: "
                     f"pip install tensorboard. Received: log_dir={self.log_dir!r}"
                 ) from error
+            import tensorflow as tf
+
             self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._layer_gram_function = None
         self._next_step = 0
         self._measure_if_due()
 
@@ -216,45 +238,82 @@ class NoiseMonitor(keras.callbacks.Callback):
         if key not in self._configurations:
             noise, b = self._noise_configuration()
             n = self.probe_size
-            sample = tf.function(lambda seed: noise.sample(seed, n, "float64"), jit_compile=False)
+            sample = _compiled(lambda seed: noise.sample(seed, n, _wide_float()))
             self._configurations[key] = (sample, noise.covariance(n), noise_lib.SGDSampling(b).covariance(n))
         return self._configurations[key]
 
-    def _gram_matrix(self, x, y, sample_weight):
-        grads = per_example_gradients(
-            self.model, x, y, sample_weight=sample_weight, loss=self.loss, chunk_size=self.chunk_size
+    def _gram_matrix(self, values, x, y, sample_weight):
+        """`K = G G^T` from the rows of `per_example_gradients` at the trainable and non-trainable `values`."""
+        result = per_example._compute(
+            self.model, x, y, sample_weight=sample_weight, loss=self.loss, chunk_size=self.chunk_size, values=values
         )
-        flat = [tf.reshape(tf.cast(g, tf.float64), [self.probe_size, -1]) for g in grads]
-        return tf.add_n([tf.matmul(f, f, transpose_b=True) for f in flat])
+        grads = result.gradients
+        if result.regularization_gradients is not None:
+            grads = [g + ops.expand_dims(r, 0) for g, r in zip(grads, result.regularization_gradients)]
+        flat = [ops.reshape(ops.cast(g, _wide_float()), [self.probe_size, -1]) for g in grads]
+        return sum(ops.matmul(f, ops.transpose(f)) for f in flat)
 
-    def _layer_gram_matrix(self, x, y, sample_weight):
-        return _gram.gram(self._plan, self.model, x, y, sample_weight=sample_weight, loss=self.loss)
+    def _layer_gram(self, x, y, sample_weight):
+        """`(K, mismatch)` from the layer rules (TensorFlow), compiled once per `fit`."""
+        if self._layer_gram_function is None:
+            import tensorflow as tf
+
+            from keras_noisygd import _gram
+
+            def layer_gram(x, y, sample_weight):
+                return _gram.gram(self._plan, self.model, x, y, sample_weight=sample_weight, loss=self.loss)
+
+            self._layer_gram_function = tf.function(layer_gram, jit_compile=False)
+        return self._layer_gram_function(x, y, sample_weight)
 
     def _probe_gram(self, x, y, sample_weight):
         """`K` from the layers' inputs and output gradients where that applies, else from `G`."""
         if self._plan is not None:
+            from keras_noisygd import _gram
+
             result = self._layer_gram(x, y, sample_weight)
             if result is not None and float(result[1]) <= _gram.TOLERANCE:
                 self.gram_source = "layers"
                 return result[0].numpy()
             self._plan = None  # the check failed (a layer applied twice, say): form G from now on
         self.gram_source = "per_example"
-        return self._gram(x, y, sample_weight).numpy()
+        values = None
+        if _BACKEND != "tensorflow":  # passed in: a compiled JAX function would keep the values it was traced with
+            values = ([v.value for v in self.model.trainable_variables],
+                      [v.value for v in self.model.non_trainable_variables])
+        return ops.convert_to_numpy(self._gram(values, x, y, sample_weight))
 
     def _measure_if_due(self):
-        step = int(self.model.optimizer.iterations.numpy())
+        if hasattr(self.model, "jax_state_sync"):  # JAX keeps the trained values outside the model during fit
+            self.model.jax_state_sync()
+        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         if step < self._next_step:
             return
         self._next_step = (step // self.every_n_steps + 1) * self.every_n_steps
         x, y, *rest = self.probe_batch
         gram = self._probe_gram(x, y, rest[0] if rest else None)
         sample, noise_covariance, sgd_covariance = self._configuration()
-        weights = sample(tf.constant([self.seed, step], tf.int64)).numpy()
+        weights = ops.convert_to_numpy(sample(ops.convert_to_tensor([self.seed, step], "int32" if _BACKEND == "jax" else "int64")))
         values = noise_statistics(gram, weights, noise_covariance, sgd_covariance)
         self._latest = {f"noise/{k}": v for k, v in values.items()}
         self.history.append({"step": step, **values})
         if self._writer is not None:
+            import tensorflow as tf  # log_dir is refused off TensorFlow
+
             with self._writer.as_default(step=step):
                 for key, value in self._latest.items():
                     tf.summary.scalar(key, value)
             self._writer.flush()
+
+
+def _compiled(function):
+    """`function` compiled once: `tf.function` (graph, no XLA) on TensorFlow, `jax.jit` on JAX, eager on PyTorch."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, jit_compile=False)
+    if _BACKEND == "jax":
+        import jax
+
+        return jax.jit(function)
+    return function

@@ -331,12 +331,6 @@ ENGINES = ("weighted", "per_example")
 def _validated_engine(engine, chunk_size):
     if engine not in ENGINES:
         raise ValueError(f"Argument `engine` must be one of {list(ENGINES)}. Received: engine={engine!r}")
-    if engine == "per_example" and keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "Argument `engine='per_example'` needs the TensorFlow backend for now (its per-example gradients are "
-            "built on `tf.vectorized_map`); the default engine='weighted' runs on every backend. "
-            f"Received: engine='per_example' with the {keras.backend.backend()!r} backend"
-        )
     chunk_size = check_int("chunk_size", chunk_size, 1, allow_none=True)
     if chunk_size is not None:
         if engine != "per_example":

@@ -33,17 +33,15 @@ from __future__ import annotations
 import collections
 
 import keras
-import tensorflow as tf
+from keras import ops, tree
 
 from keras_noisygd._checks import check_int
-from keras_noisygd.gradients import _batch_size_of
 
 __all__ = ["per_example_gradients", "METHODS"]
 
 METHODS = ("auto", "vectorized", "jacobian")
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
-_ZERO = tf.UnconnectedGradients.ZERO
 
 PerExample = collections.namedtuple(
     "PerExample", ["gradients", "regularization_gradients", "losses", "method", "y_pred", "state"]
@@ -108,102 +106,50 @@ def _compute(
     method="auto",
     weights=None,
     loss_scale=1.0,
+    values=None,
 ):
     """The engine behind `per_example_gradients` and the `"per_example"` train step.
 
     Returns a `PerExample` tuple: `gradients` is the per-example data-loss
     gradients `d (s_i l_i) / d theta` (`[B, ...]` each), or with `weights` the
     weighted mean `(1/B) sum_i weights_i G_i` (never holding more than one
-    chunk of `G`; the rows are formed with the `1/B` inside, `losses` too); `regularization_gradients` is `d R / d theta` or `None` when
-    the model has no losses; `losses` is the `[B]` values `s_i l_i`;
-    `method` the method used; `y_pred` and `state` are the predictions and the
-    new non-trainable values (BN statistics, seeds; `None` where a value is
-    unchanged) of the batched training-mode forward pass, which a train step
-    can keep instead of running the model again. `loss_scale` multiplies every per-example loss
+    chunk of `G`; the rows are formed with the `1/B` inside, `losses` too);
+    `regularization_gradients` is `d R / d theta` or `None` when the model has
+    no losses; `losses` is the `[B]` values `s_i l_i`; `method` the method
+    used; `y_pred` and `state` are the predictions and the new non-trainable
+    values (BN statistics, seeds; `None` where a value is unchanged) of the
+    batched training-mode forward pass, which a train step can keep instead
+    of running the model again. `loss_scale` multiplies every per-example loss
     and `R` (the train step's loss scaling and `tf.distribute` share).
+    `values`: `(trainable, non_trainable)` values to use instead of the
+    variables' own (JAX's stateless train step passes its state; not on
+    TensorFlow).
     """
     _check_arguments(model, chunk_size, method)
-    arguments = (model, x, y, sample_weight, loss, chunk_size, method, weights, loss_scale)
-    if method == "auto" and chunk_size is None:
-        from keras_noisygd import _gram  # it builds on this module
-
-        plan = _gram.cached_plan(model)
-        if plan is not None:
-            dtype = model.trainable_variables[0].dtype
-            scale = tf.cast(loss_scale, dtype)
-            data_scale = scale if weights is None else scale / tf.cast(_batch_size_of(x), dtype)
-            fast = _gram.rows(plan, model, x, y, sample_weight, loss, data_scale, scale)
-            if fast is not None:
-                return _from_layer_rows(model, *fast, weights, lambda: _general(*arguments))
-    return _general(*arguments)
-
-
-def _from_layer_rows(model, rows, captured, weights, general):
-    """The `PerExample` of the layer rows, or of `general()` where their check fails (a `tf.cond`)."""
-    from keras_noisygd import _gram
-
-    gradients = rows if weights is None else [tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) for g in rows]
-    fast = (gradients, captured.regularization_gradients, captured.losses, captured.y_pred)
-
-    def slow():
-        result = general()
-        return (result.gradients, result.regularization_gradients, result.losses, result.y_pred)
-
-    chosen = tf.cond(captured.mismatch <= _gram.TOLERANCE, lambda: fast, slow)
-    unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
-    return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
-
-
-def _general(model, x, y, sample_weight, loss, chunk_size, method, weights, loss_scale):
     loss_fn = _loss_function(model, loss)
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable_values = [v.value for v in model.non_trainable_variables]
-    batch_size = _batch_size_of(x)
-    dtype = trainable[0].dtype
-    scale = tf.cast(loss_scale, dtype)
-    # With weights, the 1/B of the weighted mean goes into the backward pass: each row then has the size of
-    # its share of the batch gradient, as in the weighted engine (under loss scaling, B times larger rows
-    # would overflow float16 activations' gradients).
-    data_scale = scale if weights is None else scale / tf.cast(batch_size, dtype)
+    if keras.backend.backend() == "tensorflow":
+        from keras_noisygd import _tf_per_example
 
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(trainable)
-        y_pred, new_state, reg_losses = model.stateless_call(
-            trainable, non_trainable_values, x, training=True, return_losses=True
-        )
-        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * data_scale
-        regularization = tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * scale if reg_losses else None
-    new_state = [None if new is old else new for new, old in zip(new_state, non_trainable_values)]
-    state_updated = any(new is not None for new in new_state)
+        return _tf_per_example.compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale)
+    from keras_noisygd import _functional_per_example
+
+    return _functional_per_example.compute(
+        model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values
+    )
+
+
+def choose_method(method, state_updated):
+    """The method `"auto"` stands for (the general ones), or `method`, refused where it would be wrong."""
     if method == "auto":
-        method = "jacobian" if state_updated else "vectorized"
-    elif method == "vectorized" and state_updated:
+        return "jacobian" if state_updated else "vectorized"
+    if method == "vectorized" and state_updated:
         raise ValueError(
             "Argument `method='vectorized'` runs the model on one example at a time, but this model's "
             "training-mode forward pass updates its state (BatchNormalization statistics or the seed of "
             "Dropout/GaussianNoise/random layers), so each example would be normalised or masked on its own. "
             "Use method='jacobian' (exact, slower) or 'auto'. Received: method='vectorized'"
         )
-    regularization_gradients = None
-    if regularization is not None:
-        regularization_gradients = tape.gradient(regularization, trainable, unconnected_gradients=_ZERO)
-
-    if method == "jacobian":
-        gradients = _jacobian(tape, losses, trainable, batch_size, chunk_size, weights)
-    else:
-        del tape
-
-        def one_example(xi, yi, si):
-            # The batch of one: add a leading axis of 1 to every input, target and weight.
-            xi, yi, si = tf.nest.map_structure(lambda t: t[None], (xi, yi, si))
-            with tf.GradientTape() as inner:
-                inner.watch(trainable)
-                pred, _ = model.stateless_call(trainable, non_trainable_values, xi, training=True)
-                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], dtype) * data_scale
-            return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
-
-        gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
-    return PerExample(gradients, regularization_gradients, losses, method, y_pred, new_state)
+    return method
 
 
 def _check_arguments(model, chunk_size, method):
@@ -219,57 +165,6 @@ def _check_arguments(model, chunk_size, method):
         raise ValueError(f"Argument `model` has no trainable variables. Received: model={model.name!r}")
 
 
-def _vectorized(one_example, batch, batch_size, chunk_size, weights, trainable):
-    x, y, sample_weight = batch
-    if sample_weight is None:
-        sample_weight = tf.ones([batch_size], trainable[0].dtype)
-
-    def run(rows):
-        # Rows past the batch (padding of the last chunk) repeat real examples; they are cut or zero-weighted.
-        xs, ys, ss = tf.nest.map_structure(lambda t: tf.gather(t, rows % batch_size), (x, y, sample_weight))
-        return tf.vectorized_map(lambda e: one_example(*e), (xs, ys, ss))
-
-    return _over_chunks(run, batch_size, chunk_size, weights, trainable)
-
-
-def _jacobian(tape, losses, trainable, batch_size, chunk_size, weights):
-    def run(rows):
-        # One backward pass per example: the cotangent of example i is the one-hot row e_i (0 past the batch).
-        cotangents = tf.one_hot(rows, batch_size, dtype=losses.dtype)
-        return tf.vectorized_map(
-            lambda v: tape.gradient(losses, trainable, output_gradients=v, unconnected_gradients=_ZERO), cotangents
-        )
-
-    return _over_chunks(run, batch_size, chunk_size, weights, trainable)
-
-
-def _over_chunks(run, batch_size, chunk_size, weights, trainable):
-    """`G`, or `sum_i weights_i G_i`, computed `chunk_size` rows at a time."""
-    if weights is not None:
-        weights = tf.convert_to_tensor(weights)
-
-    def contract(grads, row_weights):
-        return [tf.tensordot(tf.cast(row_weights, g.dtype), g, axes=1) for g in grads]
-
-    if chunk_size is None:
-        grads = run(tf.range(batch_size))
-        return grads if weights is None else contract(grads, weights)
-    chunks = (batch_size + chunk_size - 1) // chunk_size
-    rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
-    if weights is None:
-        signature = [tf.TensorSpec([chunk_size, *v.shape], v.dtype) for v in trainable]
-        stacked = tf.map_fn(run, rows, fn_output_signature=signature)
-        grads = [tf.reshape(g, [-1, *v.shape]) for g, v in zip(stacked, trainable)]
-        if isinstance(batch_size, int) and batch_size % chunk_size == 0:
-            return grads  # no padding rows to cut (and no copy of G to cut them)
-        return [g[:batch_size] for g in grads]
-    padded = tf.concat([weights, tf.zeros([chunks * chunk_size - batch_size], weights.dtype)], 0)
-    padded = tf.reshape(padded, [chunks, chunk_size])
-    signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
-    stacked = tf.map_fn(lambda a: contract(run(a[0]), a[1]), (rows, padded), fn_output_signature=signature)
-    return [tf.reduce_sum(g, 0) for g in stacked]
-
-
 def _loss_function(model, loss):
     """`f(y, y_pred, sample_weight, batch_size) -> [B]` per-example losses, weighted by `sample_weight`."""
     loss_weights = None
@@ -280,7 +175,7 @@ def _loss_function(model, loss):
                 "Argument `loss` is None and the model has no compiled loss: pass `loss=` or compile the "
                 f"model first. Received: loss=None, model.loss={loss!r}"
             )
-        if len(tf.nest.flatten(loss)) > 1:
+        if len(tree.flatten(loss)) > 1:
             if not hasattr(model, "_noisy_loss_weights"):
                 raise ValueError(
                     "Argument `loss` is None and the model's compiled loss has one loss per output; pass them "
@@ -288,27 +183,27 @@ def _loss_function(model, loss):
                     f"which records its loss weights. Received: loss=None, model.loss={loss!r}"
                 )
             loss_weights = model._noisy_loss_weights
-    loss_objects = tf.nest.map_structure(_loss_object, loss)
+    loss_objects = tree.map_structure(_loss_object, loss)
 
     def per_example(y, y_pred, sample_weight, batch_size):
-        flat_losses = tf.nest.flatten(loss_objects)
+        flat_losses = tree.flatten(loss_objects)
         if len(flat_losses) == 1:
             pairs = [(flat_losses[0], y, y_pred, 1.0)]
         else:
             try:
-                tf.nest.assert_same_structure(loss_objects, y_pred, check_types=False)
+                tree.assert_same_structure(tree.lists_to_tuples(loss_objects), tree.lists_to_tuples(y_pred))  # lists = tuples
             except (ValueError, TypeError) as error:
                 raise ValueError(
                     "Argument `loss` must be one loss, or one loss per model output in the structure of the "
-                    f"outputs. Received: loss={loss!r} for outputs {tf.nest.map_structure(lambda t: t.shape, y_pred)}"
+                    f"outputs. Received: loss={loss!r} for outputs {tree.map_structure(lambda t: t.shape, y_pred)}"
                 ) from error
-            flat_weights = tf.nest.flatten(loss_weights) if loss_weights is not None else [1.0] * len(flat_losses)
-            pairs = zip(flat_losses, tf.nest.flatten(y), tf.nest.flatten(y_pred), flat_weights)
+            flat_weights = tree.flatten(loss_weights) if loss_weights is not None else [1.0] * len(flat_losses)
+            pairs = zip(flat_losses, tree.flatten(y), tree.flatten(y_pred), flat_weights)
         total = None
         for loss_obj, y_true, pred, factor in pairs:
             values = _per_example_values(loss_obj, y_true, pred, batch_size)
             if factor != 1.0:
-                values = values * tf.cast(factor, values.dtype)
+                values = values * ops.cast(factor, values.dtype)
             total = values if total is None else total + values
         if sample_weight is not None:
             total = total * _per_example_weight(sample_weight, total.dtype)
@@ -319,13 +214,13 @@ def _loss_function(model, loss):
 
 def _per_example_weight(sample_weight, dtype):
     """A `[B]` or `[B, 1]` sample weight as `[B]`; per-timestep weights have no per-example value."""
-    sample_weight = tf.convert_to_tensor(sample_weight)
-    if sample_weight.shape.rank is None or any(d != 1 for d in sample_weight.shape[1:]):
+    sample_weight = ops.convert_to_tensor(sample_weight)
+    if any(d != 1 for d in sample_weight.shape[1:]):
         raise ValueError(
             "Argument `sample_weight` must have one value per example ([B] or [B, 1]) for per-example "
             f"gradients. Received: sample_weight with shape {sample_weight.shape}"
         )
-    return tf.reshape(tf.cast(sample_weight, dtype), [-1])
+    return ops.reshape(ops.cast(sample_weight, dtype), [-1])
 
 
 def _loss_object(loss):
@@ -354,9 +249,9 @@ class _FunctionLoss:
 
     def call(self, y_true, y_pred):
         # As Keras's wrapper: a [B] target against a [B, 1] prediction (or the reverse) is not broadcast.
-        if y_true.shape.rank == y_pred.shape.rank - 1 and y_pred.shape[-1] == 1:
+        if len(y_true.shape) == len(y_pred.shape) - 1 and y_pred.shape[-1] == 1:
             y_true = y_true[..., None]
-        elif y_true.shape.rank == y_pred.shape.rank + 1 and y_true.shape[-1] == 1:
+        elif len(y_true.shape) == len(y_pred.shape) + 1 and y_true.shape[-1] == 1:
             y_true = y_true[..., 0]
         return self.function(y_true, y_pred)
 
@@ -376,13 +271,13 @@ def _per_example_values(loss_obj, y_true, y_pred, batch_size):
     # As `keras.losses.Loss.__call__`: both in the loss's dtype (integer labels too).
     y_pred = keras.ops.convert_to_tensor(y_pred, dtype=loss_obj.dtype)
     y_true = keras.ops.convert_to_tensor(y_true, dtype=loss_obj.dtype)
-    values = tf.convert_to_tensor(loss_obj.call(y_true, y_pred))
-    if values.shape.rank == 0:
+    values = ops.convert_to_tensor(loss_obj.call(y_true, y_pred))
+    if len(values.shape) == 0:
         raise ValueError(
             f"Argument `loss` must give one value per example; {loss_obj!r} returns a scalar. "
             "Received: a loss with scalar values"
         )
-    values = tf.reshape(values, [tf.shape(values)[0], -1])
+    values = ops.reshape(values, [ops.shape(values)[0], -1])
     if loss_obj.reduction == "sum":
-        return tf.reduce_sum(values, 1) * tf.cast(batch_size, values.dtype)
-    return tf.reduce_mean(values, 1)
+        return ops.sum(values, axis=1) * ops.cast(batch_size, values.dtype)
+    return ops.mean(values, axis=1)

@@ -46,3 +46,30 @@ class FixedWeights:
 
     def sample(self, seed, batch_size, dtype="float32"):
         return keras.ops.convert_to_tensor(self.weights, dtype=dtype)
+
+
+def gradient(function, values):
+    """NumPy gradients of the scalar `function(values)` with respect to the list of tensors `values`, on any backend.
+
+    The reference for per-example tests: TensorFlow's tape, `jax.grad`, or
+    PyTorch autograd on copies of the values.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        values = [tf.convert_to_tensor(v) for v in values]
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            value = function(values)
+        grads = tape.gradient(value, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return [to_numpy(tf.convert_to_tensor(g)) for g in grads]
+    if backend == "jax":
+        import jax
+
+        return [np.asarray(g) for g in jax.grad(function)(list(values))]
+    import torch
+
+    values = [v.detach().clone().requires_grad_(True) for v in values]
+    grads = torch.autograd.grad(function(values), values, allow_unused=True, materialize_grads=True)
+    return [g.detach().cpu().numpy() for g in grads]

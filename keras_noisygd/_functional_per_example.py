@@ -1,0 +1,138 @@
+"""The per-example engine on JAX (`jax.vmap`, `jax.vjp`) and PyTorch (`torch.func`).
+
+`compute` is `per_example._compute` on these backends; TensorFlow's is
+`_tf_per_example`. Both methods start from one batched training-mode
+`model.stateless_call` under a vector-Jacobian product, which gives the
+predictions, the new state, the `[B]` losses and the regularization gradient:
+
+* `"vectorized"`: `vmap(grad(loss of one example))` over the examples
+  (`"auto"` on JAX, for a model whose training pass changes no state);
+* `"jacobian"`: `vmap` of the batched pass's VJP over one-hot cotangents (one
+  backward pass per example through the batched forward pass: exact where
+  BatchNormalization or Dropout couple the examples; `"auto"` on PyTorch
+  always, since `torch.func.vmap` cannot run some Keras forward passes, e.g.
+  Conv2D's, while it runs their backward passes).
+
+`chunk_size` runs the `vmap` over that many examples at a time (a Python loop:
+the shapes are static). The functions transform values, never variables, so
+JAX's stateless train step passes its state in as `values`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+from keras import ops, tree
+
+from keras_noisygd.gradients import _batch_size_of
+
+
+def _transforms():
+    """`(vjp(f, primals) -> (out, vjp_fn, aux), grad, vmap(f, in_axes))` of the backend, as JAX spells them."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def vjp(f, primals):
+            return jax.vjp(f, primals, has_aux=True)
+
+        return vjp, jax.grad, lambda f, in_axes: jax.vmap(f, in_axes=in_axes)
+    import torch.func
+
+    def vjp(f, primals):
+        return torch.func.vjp(f, primals, has_aux=True)
+
+    return vjp, torch.func.grad, lambda f, in_axes: torch.func.vmap(f, in_dims=in_axes)
+
+
+def compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values=None):
+    """`per_example._compute` on JAX and PyTorch (see there)."""
+    from keras_noisygd.per_example import PerExample, choose_method
+
+    vjp, grad, vmap = _transforms()
+    if values is None:
+        values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    trainable, non_trainable = list(values[0]), list(values[1])
+    x, y = tree.map_structure(ops.convert_to_tensor, (x, y))  # vmap takes tensors
+    sample_weight = None if sample_weight is None else ops.convert_to_tensor(sample_weight)
+    batch_size = _batch_size_of(x)  # a Python int: static shapes on both backends
+    dtype = trainable[0].dtype
+    scale = ops.cast(loss_scale, dtype)
+    # With weights, the 1/B of the weighted mean goes into the backward pass (as on TensorFlow).
+    data_scale = scale if weights is None else scale / batch_size
+    found = {}
+
+    def batched(trainable):
+        y_pred, new_state, reg_losses = model.stateless_call(
+            trainable, non_trainable, x, training=True, return_losses=True
+        )
+        losses = ops.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * data_scale
+        found["regularized"] = bool(reg_losses)
+        regularization = sum(ops.cast(r, dtype) for r in reg_losses) * scale if reg_losses else ops.zeros((), dtype)
+        # The values a step does not change come back as the very objects passed in (here, not under the VJP).
+        found["changed"] = [new is not old for new, old in zip(new_state, non_trainable)]
+        return (losses, regularization), (y_pred, new_state)
+
+    (losses, regularization), backward, (y_pred, new_state) = vjp(batched, trainable)
+    new_state = [new if changed else None for new, changed in zip(new_state, found["changed"])]
+    if method == "auto" and keras.backend.backend() == "torch":
+        # `torch.func.vmap` cannot run some of Keras's PyTorch forward passes (Conv2D clones its input to
+        # channels_last: "NYI ... inside vmap"); it runs every backward pass, so PyTorch takes the Jacobian.
+        method = "jacobian"
+    method = choose_method(method, any(found["changed"]))
+    regularization_gradients = None
+    if found["regularized"]:
+        regularization_gradients = list(backward((ops.zeros_like(losses), ops.ones_like(regularization)))[0])
+
+    if method == "jacobian":
+        zero = ops.zeros_like(regularization)
+
+        def run(start, stop):
+            cotangents = ops.one_hot(ops.arange(start, stop), batch_size, dtype=losses.dtype)
+            return vmap(lambda c: list(backward((c, zero))[0]), 0)(cotangents)
+
+    else:
+
+        def one_example(trainable, xi, yi, si):
+            xi, yi, si = tree.map_structure(lambda t: ops.expand_dims(t, 0), (xi, yi, si))  # a batch of one
+            pred, _ = model.stateless_call(trainable, non_trainable, xi, training=True)
+            return ops.cast(loss_fn(yi, pred, si, batch_size)[0], dtype) * data_scale
+
+        weights_of_rows = sample_weight if sample_weight is not None else ops.ones([batch_size], dtype)
+        per_row = vmap(grad(one_example), (None, 0, 0, 0))
+
+        def run(start, stop):
+            rows = tree.map_structure(lambda t: t[start:stop], (x, y, weights_of_rows))
+            try:
+                return list(per_row(trainable, *rows))
+            except RuntimeError as error:
+                lines = [line for line in str(error).splitlines() if "vmap" in line]
+                if not lines:
+                    raise
+                reason = re.sub(r"\x1b\[[0-9;]*m", "", lines[0]).strip()  # Keras wraps the message in bold
+                raise ValueError(
+                    "Argument `method='vectorized'` runs the model's forward pass under `torch.func.vmap`, which "
+                    f"does not support an operation of this model ({reason}). Use "
+                    "method='jacobian' or 'auto'. Received: method='vectorized'"
+                ) from error
+
+    gradients = _over_chunks(run, batch_size, chunk_size, weights)
+    return PerExample(gradients, regularization_gradients, losses, method, y_pred, new_state)
+
+
+def _over_chunks(run, batch_size, chunk_size, weights):
+    """`G`, or `sum_i weights_i G_i`, from `run(start, stop)` (the rows of examples `start:stop`)."""
+    step = batch_size if chunk_size is None else chunk_size
+    total = None
+    parts = []
+    for start in range(0, batch_size, step):
+        stop = min(start + step, batch_size)
+        rows = run(start, stop)
+        if weights is None:
+            parts.append(rows)
+            continue
+        part = [ops.tensordot(ops.cast(weights[start:stop], g.dtype), g, axes=1) for g in rows]
+        total = part if total is None else [a + b for a, b in zip(total, part)]
+    if weights is not None:
+        return total
+    return parts[0] if len(parts) == 1 else [ops.concatenate(chunk, axis=0) for chunk in zip(*parts)]

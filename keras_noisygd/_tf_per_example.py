@@ -1,0 +1,147 @@
+"""The per-example engine on TensorFlow: `tf.vectorized_map` over a `tf.GradientTape`, and the layer rows.
+
+`compute` is `per_example._compute` on the TensorFlow backend (see there and
+the module docstring of `per_example` for the methods). The JAX and PyTorch
+engine is `_functional_per_example`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_noisygd.gradients import _batch_size_of
+
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale):
+    """`per_example._compute` on TensorFlow: the layer rows where `method="auto"` allows, else `_general`.
+
+    `loss` is the user's argument, `loss_fn` its per-example function (`per_example._loss_function`).
+    """
+    from keras_noisygd.per_example import PerExample
+
+    arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
+    if method == "auto" and chunk_size is None:
+        from keras_noisygd import _gram  # it builds on per_example
+
+        plan = _gram.cached_plan(model)
+        if plan is not None:
+            dtype = model.trainable_variables[0].dtype
+            scale = tf.cast(loss_scale, dtype)
+            data_scale = scale if weights is None else scale / tf.cast(_batch_size_of(x), dtype)
+            fast = _gram.rows(plan, model, x, y, sample_weight, loss, data_scale, scale)
+            if fast is not None:
+                return _from_layer_rows(model, *fast, weights, lambda: _general(*arguments), PerExample)
+    return _general(*arguments)
+
+
+def _from_layer_rows(model, rows, captured, weights, general, PerExample):
+    """The `PerExample` of the layer rows, or of `general()` where their check fails (a `tf.cond`)."""
+    from keras_noisygd import _gram
+
+    gradients = rows if weights is None else [tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) for g in rows]
+    fast = (gradients, captured.regularization_gradients, captured.losses, captured.y_pred)
+
+    def slow():
+        result = general()
+        return (result.gradients, result.regularization_gradients, result.losses, result.y_pred)
+
+    chosen = tf.cond(captured.mismatch <= _gram.TOLERANCE, lambda: fast, slow)
+    unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
+    return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
+
+
+def _general(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale):
+    from keras_noisygd.per_example import PerExample, choose_method
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable_values = [v.value for v in model.non_trainable_variables]
+    batch_size = _batch_size_of(x)
+    dtype = trainable[0].dtype
+    scale = tf.cast(loss_scale, dtype)
+    # With weights, the 1/B of the weighted mean goes into the backward pass: each row then has the size of
+    # its share of the batch gradient, as in the weighted engine (under loss scaling, B times larger rows
+    # would overflow float16 activations' gradients).
+    data_scale = scale if weights is None else scale / tf.cast(batch_size, dtype)
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(trainable)
+        y_pred, new_state, reg_losses = model.stateless_call(
+            trainable, non_trainable_values, x, training=True, return_losses=True
+        )
+        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * data_scale
+        regularization = tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * scale if reg_losses else None
+    new_state = [None if new is old else new for new, old in zip(new_state, non_trainable_values)]
+    method = choose_method(method, any(new is not None for new in new_state))
+    regularization_gradients = None
+    if regularization is not None:
+        regularization_gradients = tape.gradient(regularization, trainable, unconnected_gradients=_ZERO)
+
+    if method == "jacobian":
+        gradients = _jacobian(tape, losses, trainable, batch_size, chunk_size, weights)
+    else:
+        del tape
+
+        def one_example(xi, yi, si):
+            # The batch of one: add a leading axis of 1 to every input, target and weight.
+            xi, yi, si = tf.nest.map_structure(lambda t: t[None], (xi, yi, si))
+            with tf.GradientTape() as inner:
+                inner.watch(trainable)
+                pred, _ = model.stateless_call(trainable, non_trainable_values, xi, training=True)
+                value = tf.cast(loss_fn(yi, pred, si, batch_size)[0], dtype) * data_scale
+            return inner.gradient(value, trainable, unconnected_gradients=_ZERO)
+
+        gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
+    return PerExample(gradients, regularization_gradients, losses, method, y_pred, new_state)
+
+
+def _vectorized(one_example, batch, batch_size, chunk_size, weights, trainable):
+    x, y, sample_weight = batch
+    if sample_weight is None:
+        sample_weight = tf.ones([batch_size], trainable[0].dtype)
+
+    def run(rows):
+        # Rows past the batch (padding of the last chunk) repeat real examples; they are cut or zero-weighted.
+        xs, ys, ss = tf.nest.map_structure(lambda t: tf.gather(t, rows % batch_size), (x, y, sample_weight))
+        return tf.vectorized_map(lambda e: one_example(*e), (xs, ys, ss))
+
+    return _over_chunks(run, batch_size, chunk_size, weights, trainable)
+
+
+def _jacobian(tape, losses, trainable, batch_size, chunk_size, weights):
+    def run(rows):
+        # One backward pass per example: the cotangent of example i is the one-hot row e_i (0 past the batch).
+        cotangents = tf.one_hot(rows, batch_size, dtype=losses.dtype)
+        return tf.vectorized_map(
+            lambda v: tape.gradient(losses, trainable, output_gradients=v, unconnected_gradients=_ZERO), cotangents
+        )
+
+    return _over_chunks(run, batch_size, chunk_size, weights, trainable)
+
+
+def _over_chunks(run, batch_size, chunk_size, weights, trainable):
+    """`G`, or `sum_i weights_i G_i`, computed `chunk_size` rows at a time."""
+    if weights is not None:
+        weights = tf.convert_to_tensor(weights)
+
+    def contract(grads, row_weights):
+        return [tf.tensordot(tf.cast(row_weights, g.dtype), g, axes=1) for g in grads]
+
+    if chunk_size is None:
+        grads = run(tf.range(batch_size))
+        return grads if weights is None else contract(grads, weights)
+    chunks = (batch_size + chunk_size - 1) // chunk_size
+    rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
+    if weights is None:
+        signature = [tf.TensorSpec([chunk_size, *v.shape], v.dtype) for v in trainable]
+        stacked = tf.map_fn(run, rows, fn_output_signature=signature)
+        grads = [tf.reshape(g, [-1, *v.shape]) for g, v in zip(stacked, trainable)]
+        if isinstance(batch_size, int) and batch_size % chunk_size == 0:
+            return grads  # no padding rows to cut (and no copy of G to cut them)
+        return [g[:batch_size] for g in grads]
+    padded = tf.concat([weights, tf.zeros([chunks * chunk_size - batch_size], weights.dtype)], 0)
+    padded = tf.reshape(padded, [chunks, chunk_size])
+    signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
+    stacked = tf.map_fn(lambda a: contract(run(a[0]), a[1]), (rows, padded), fn_output_signature=signature)
+    return [tf.reduce_sum(g, 0) for g in stacked]
