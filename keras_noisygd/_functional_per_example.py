@@ -15,12 +15,15 @@ predictions, the new state, the `[B]` losses and the regularization gradient:
 
 `chunk_size` runs the `vmap` over that many examples at a time (a Python loop:
 the shapes are static). The functions transform values, never variables, so
-JAX's stateless train step passes its state in as `values`.
+JAX's stateless train step passes its state in as `values`; called from eager
+code on JAX, the computation is compiled once (`jax.jit`) per model and
+arguments, with the variables' current values passed in.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 
 import keras
 from keras import ops, tree
@@ -45,13 +48,56 @@ def _transforms():
     return vjp, torch.func.grad, lambda f, in_axes: torch.func.vmap(f, in_dims=in_axes)
 
 
-def compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values=None):
-    """`per_example._compute` on JAX and PyTorch (see there)."""
+def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale, values=None):
+    """`per_example._compute` on JAX and PyTorch (see there); `loss` is the user's argument behind `loss_fn`."""
+    from keras_noisygd.per_example import PerExample
+
+    arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
+    if values is not None:
+        return _compute(*arguments, values)
+    values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    if keras.backend.backend() != "jax" or _traced(values[0][0]):
+        return _compute(*arguments, values)
+    # JAX, called from eager code: compiled once per model and arguments, with the values passed in (a compiled
+    # function that read the variables would keep the values it was traced with).
+    compiled, found = _compiled(model, loss, chunk_size, method, weights is None, sample_weight is None, loss_fn)
+    outputs = compiled(values, x, y, sample_weight, weights, loss_scale)
+    return PerExample(*outputs[:3], found["method"], *outputs[3:])
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> {arguments: (loss, compiled loss, variables, function, found)}
+
+
+def _compiled(model, loss, chunk_size, method, no_weights, no_sample_weight, loss_fn):
+    """A `jax.jit` of `_compute` for these arguments, and the dict its trace records the method in."""
+    import jax
+
+    cache = _COMPILED.setdefault(model, {})
+    key = (chunk_size, method, no_weights, no_sample_weight)
+    variables = tuple(id(v) for v in model.variables)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not loss or entry[1] is not getattr(model, "loss", None) or entry[2] != variables:
+        found = {}
+
+        def function(values, x, y, sample_weight, weights, loss_scale):
+            result = _compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values)
+            found["method"] = result.method
+            return (result.gradients, result.regularization_gradients, result.losses, result.y_pred, result.state)
+
+        entry = cache[key] = (loss, getattr(model, "loss", None), variables, jax.jit(function), found)
+    return entry[3], entry[4]
+
+
+def _traced(value):
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
+
+
+def _compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values):
     from keras_noisygd.per_example import PerExample, choose_method
 
     vjp, grad, vmap = _transforms()
-    if values is None:
-        values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
     trainable, non_trainable = list(values[0]), list(values[1])
     x, y = tree.map_structure(ops.convert_to_tensor, (x, y))  # vmap takes tensors
     sample_weight = None if sample_weight is None else ops.convert_to_tensor(sample_weight)

@@ -134,7 +134,7 @@ def _compute(
     from keras_noisygd import _functional_per_example
 
     return _functional_per_example.compute(
-        model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values
+        model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale, values
     )
 
 

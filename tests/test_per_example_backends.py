@@ -267,3 +267,17 @@ def test_monitor_statistics_equal_numpy_from_the_explicit_gradient_matrix(precis
 def test_monitor_log_dir_is_refused_with_the_backend_named(tmp_path):
     with pytest.raises(ValueError, match=rf"`log_dir`.*TensorFlow.*Received: log_dir=.* with the '{BACKEND}' backend"):
         kn.NoiseMonitor((np.zeros((4, 5)), np.zeros(4)), log_dir=str(tmp_path))
+
+
+def test_rows_follow_the_weights_between_calls(precision):
+    # On JAX the function is compiled once per model and arguments: it must take the weights as arguments, not
+    # keep the values of its first call (the statelessness trap).
+    dtype, tol = precision
+    model = _model("regularized")
+    x, y = _data("regularized", dtype)
+    first = [to_numpy(g) for g in kn.per_example_gradients(model, x, y)]
+    model.set_weights([w * 1.5 for w in model.get_weights()])
+    second = [to_numpy(g) for g in kn.per_example_gradients(model, x, y)]
+    assert max(np.max(np.abs(a - b)) for a, b in zip(first, second)) > 1e-3
+    for g, expected in zip(second, _loop(model, x, y, batched=False)):
+        np.testing.assert_allclose(g, expected, **tol)
