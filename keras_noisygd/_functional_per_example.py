@@ -53,6 +53,10 @@ def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weigh
     from keras_noisygd.per_example import PerExample
 
     arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
+    if keras.backend.backend() == "torch" and method == "auto" and chunk_size is None and values is None:
+        rows = _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale)
+        if rows is not None:
+            return rows
     if values is not None:
         return _compute(*arguments, values)
     values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
@@ -86,6 +90,26 @@ def _compiled(model, loss, chunk_size, method, no_weights, no_sample_weight, los
 
         entry = cache[key] = (loss, getattr(model, "loss", None), variables, jax.jit(function), found)
     return entry[3], entry[4]
+
+
+def _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale):
+    """PyTorch: the `PerExample` of the layer rows (`_gram`), or `None` where they do not apply or their check fails."""
+    from keras_noisygd import _gram
+    from keras_noisygd.per_example import PerExample
+
+    plan = _gram.cached_plan(model)
+    if plan is None:
+        return None
+    dtype = model.trainable_variables[0].dtype
+    scale = ops.cast(loss_scale, dtype)
+    data_scale = scale if weights is None else scale / _batch_size_of(x)
+    fast = _gram.rows(plan, model, x, y, sample_weight, loss, data_scale, scale)
+    if fast is None or float(fast[1].mismatch) > _gram.TOLERANCE:
+        return None  # a layer applied twice, say: the general method
+    rows, captured = fast
+    gradients = rows if weights is None else [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in rows]
+    unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
+    return PerExample(gradients, captured.regularization_gradients, captured.losses, "layers", captured.y_pred, unchanged)
 
 
 def _traced(value):

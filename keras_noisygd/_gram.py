@@ -35,7 +35,7 @@ import collections
 import weakref
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_noisygd import _layer_rules, per_example
 from keras_noisygd.gradients import _batch_size_of
@@ -61,13 +61,15 @@ def cached_plan(model):
 def plan(model):
     """A `Plan` for the layer path of `model`, or `None` where it does not apply (the caller forms `G`).
 
-    `None` for a model with any non-trainable variable (BatchNormalization's and
+    `None` on JAX (no gradient at an intermediate output), for a model with any non-trainable variable (BatchNormalization's and
     GhostBatchNormalization's statistics couple the examples in training;
     Dropout, GaussianNoise and random layers keep a seed and need the batch
     step's own masks), a trainable layer without a rule (`_layer_rules`), a
     trainable variable outside the rules' layers, more than one output, or a
     model that is not a graph of layers.
     """
+    if keras.backend.backend() == "jax":  # JAX has no gradient at an intermediate output of one pass
+        return None
     layers = [layer for layer in model.layers if layer.trainable_weights]
     if not layers or model.non_trainable_variables:
         return None
@@ -103,60 +105,102 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     loss_fn = per_example._loss_function(model, loss)
     capture_model = plan_.capture
     values = {id(v): v.value for v in capture_model.trainable_variables}
+    if keras.backend.backend() == "torch":  # leaves of their own: the pass's graph stays out of the caller's
+        values = {key: value.detach().requires_grad_(True) for key, value in values.items()}
     trainable = [values[id(v)] for v in model.trainable_variables]
     non_trainable = [v.value for v in capture_model.non_trainable_variables]
     batch_size = _batch_size_of(x)
     # The check compares one variable's batch gradient per layer (a bias where there is one: cheap) with the
     # one rebuilt from the captured values.
     checked = [values[id(rule.checked(layer))] for layer, rule in zip(plan_.layers, plan_.rules)]
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(trainable)
+    dtype = trainable[0].dtype
+    found = {}
+
+    def forward():
         outputs, _, reg_losses = capture_model.stateless_call(  # no state: `plan` refuses models with any
             [values[id(v)] for v in capture_model.trainable_variables], non_trainable, x, training=True,
             return_losses=True,
         )
         y_pred, captured = outputs[0], outputs[1:]
-        dtype = trainable[0].dtype
-        losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * tf.cast(data_scale, dtype)
-        total = tf.reduce_sum(losses)
+        losses = ops.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * ops.cast(data_scale, dtype)
         regularization = (
-            tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * tf.cast(regularization_scale, dtype)
-            if reg_losses else None
+            sum(ops.cast(r, dtype) for r in reg_losses) * ops.cast(regularization_scale, dtype) if reg_losses else None
         )
-    zero = tf.UnconnectedGradients.ZERO
-    outs = [out for _, out in captured]
-    # Keras's softmax and sigmoid keep their input on the output, and its crossentropies read the loss from
-    # those logits (the pre-activation z): the loss then reaches z directly, not through the output.
-    logits = [getattr(out, "_keras_logits", out) for out in outs]
-    n = len(outs)
-    grads = tape.gradient(total, outs + logits + checked, unconnected_gradients=zero)
-    out_grads, logit_grads, checked_grads = grads[:n], grads[n : 2 * n], grads[2 * n :]
-    reg_grads = None
-    if regularization is not None:
-        reg_grads = tape.gradient(regularization, trainable, unconnected_gradients=zero)
-    del tape
+        found.update(y_pred=y_pred, captured=captured, losses=losses, regularization=regularization)
+        # Keras's softmax and sigmoid keep their input on the output, and its crossentropies read the loss from
+        # those logits (the pre-activation z): the loss then reaches z directly, not through the output.
+        found["logits"] = [getattr(out, "_keras_logits", out) for _, out in captured]
+        return ops.sum(losses)
+
+    out_grads, logit_grads, checked_grads, reg_grads = _backend_gradients(forward, found, trainable, checked)
     layers = []
-    mismatch = tf.constant(0.0, tf.float64)
+    mismatch = ops.convert_to_tensor(0.0, "float64")
     for layer, rule, (a, out), out_grad, logit, logit_grad, checked_grad in zip(
-        plan_.layers, plan_.rules, captured, out_grads, logits, logit_grads, checked_grads
+        plan_.layers, plan_.rules, found["captured"], out_grads, found["logits"], logit_grads, checked_grads
     ):
         grads_there = _layer_rules.Gradients(out_grad, logit, logit_grad)
         values_there = rule.capture(layer, a, out, grads_there, values)
         if values_there is None:
             return None
-        mismatch = tf.maximum(mismatch, _relative_error(values_there.rebuilt(), checked_grad))
+        mismatch = ops.maximum(mismatch, _relative_error(values_there.rebuilt(), checked_grad))
         layers.append(values_there)
-    return Captured(y_pred, losses, layers, mismatch, reg_grads, trainable)
+    return Captured(found["y_pred"], found["losses"], layers, mismatch, reg_grads, trainable)
+
+
+def _backend_gradients(forward, found, trainable, checked):
+    """Runs `forward()` and returns the gradients of its value at the captured outputs, their logits and the
+    `checked` values, and of the regularization at `trainable` (or `None`): a tape on TensorFlow, autograd
+    on PyTorch. The captured values come back detached on PyTorch."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(trainable)
+            total = forward()
+        outs = [out for _, out in found["captured"]]
+        n = len(outs)
+        zero = tf.UnconnectedGradients.ZERO
+        grads = tape.gradient(total, outs + found["logits"] + checked, unconnected_gradients=zero)
+        reg_grads = None
+        if found["regularization"] is not None:
+            reg_grads = tape.gradient(found["regularization"], trainable, unconnected_gradients=zero)
+        return grads[:n], grads[n : 2 * n], grads[2 * n :], reg_grads
+    import torch
+
+    with torch.enable_grad():
+        total = forward()
+        outs = [out for _, out in found["captured"]]
+        n = len(outs)
+        regularization = found["regularization"]
+        grads = torch.autograd.grad(
+            total, outs + found["logits"] + checked, retain_graph=regularization is not None,
+            allow_unused=True, materialize_grads=True,
+        )
+        reg_grads = None
+        if regularization is not None:
+            reg_grads = list(torch.autograd.grad(regularization, trainable, allow_unused=True, materialize_grads=True))
+    detached = {}
+
+    def detach(t):  # one detached tensor per tensor: the rules tell logits from outputs by identity
+        return detached.setdefault(id(t), t.detach())
+
+    found["captured"] = [tuple(keras.tree.map_structure(detach, pair)) for pair in found["captured"]]
+    found["logits"] = [detach(t) for t in found["logits"]]
+    found["y_pred"] = keras.tree.map_structure(detach, found["y_pred"])
+    found["losses"] = detach(found["losses"])
+    return list(grads[:n]), list(grads[n : 2 * n]), list(grads[2 * n :]), reg_grads
 
 
 def _relative_error(rebuilt, true):
-    true = _f64(tf.convert_to_tensor(true))  # an Embedding's gradient is IndexedSlices
+    true = _f64(ops.convert_to_tensor(true))  # an Embedding's gradient is IndexedSlices on TensorFlow
     rebuilt = _f64(rebuilt)
-    return tf.norm(rebuilt - tf.reshape(true, tf.shape(rebuilt))) / (tf.norm(true) + tf.constant(1e-30, tf.float64))
+    return ops.norm(ops.reshape(rebuilt - ops.reshape(true, ops.shape(rebuilt)), [-1])) / (
+        ops.norm(ops.reshape(true, [-1])) + 1e-30
+    )
 
 
 def _f64(t):
-    return tf.cast(t, tf.float64)
+    return ops.cast(t, "float64")
 
 
 def gram(plan_, model, x, y, sample_weight=None, loss=None):
@@ -172,12 +216,12 @@ def gram(plan_, model, x, y, sample_weight=None, loss=None):
     captured = capture(plan_, model, x, y, sample_weight, loss)
     if captured is None:
         return None
-    k = tf.add_n([_f64(rule.gram()) for rule in captured.layers])
+    k = sum(_f64(rule.gram()) for rule in captured.layers)
     if captured.regularization_gradients is not None:
         shared = {id(v): g for v, g in zip(model.trainable_variables, captured.regularization_gradients)}
-        u = tf.add_n([_f64(rule.cross(shared)) for rule in captured.layers])
-        r_sq = tf.add_n([tf.reduce_sum(_f64(g) ** 2) for g in shared.values()])
-        k += u[:, None] + u[None, :] + r_sq
+        u = sum(_f64(rule.cross(shared)) for rule in captured.layers)
+        r_sq = sum(ops.sum(_f64(g) ** 2) for g in shared.values())
+        k = k + ops.expand_dims(u, 1) + ops.expand_dims(u, 0) + r_sq
     return k, captured.mismatch
 
 

@@ -27,7 +27,6 @@ import collections
 import itertools
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 
@@ -104,26 +103,43 @@ def _pre_activation_gradient(layer, a, out, grads, values):
     """`d_i = dl_i / dz_i` at `z = conv_or_matmul(a, W) + b`, from the gradients at the output and its logits.
 
     `grads.logits` is the logits Keras keeps on a softmax or sigmoid output
-    (its crossentropies read the loss from them, so the loss reaches `z`
-    directly: `grads.logits_gradient`), else the output itself.
+    (`z` itself: TensorFlow's crossentropies read the loss from them), else
+    the output itself. Where there are logits, the gradient there is already
+    `d_i`, summed over every path from `z` to the loss (through the output
+    too: PyTorch's crossentropies read the output).
     """
     out_grad, logit = grads.output, grads.logits
+    if logit is not out:
+        return grads.logits_gradient
     if layer.activation is keras.activations.linear:
-        delta = out_grad
-    elif layer.activation is keras.activations.relu:
-        delta = out_grad * ops.cast(out > 0, out_grad.dtype)  # relu'(z) from the output: no need for z
-    else:
-        if logit is not out:
-            z = logit
-        else:
-            kernel = values[id(layer.kernel)]
-            z = ops.matmul(a, kernel) if type(layer) is keras.layers.Dense else layer.convolution_op(a, kernel)
-            z = z + values[id(layer.bias)] if layer.use_bias else z
-        with tf.GradientTape() as inner:  # the activation's derivative (a backend's own autodiff)
-            inner.watch(z)
-            activated = layer.activation(z)
-        delta = inner.gradient(activated, z, output_gradients=out_grad)
-    return delta + grads.logits_gradient if logit is not out else delta
+        return out_grad
+    if layer.activation is keras.activations.relu:
+        return out_grad * ops.cast(out > 0, out_grad.dtype)  # relu'(z) from the output: no need for z
+    kernel = values[id(layer.kernel)]
+    z = ops.matmul(a, kernel) if type(layer) is keras.layers.Dense else layer.convolution_op(a, kernel)
+    z = z + values[id(layer.bias)] if layer.use_bias else z
+    return _activation_vjp(layer.activation, z, out_grad)  # the activation's derivative
+
+
+def _activation_vjp(activation, z, cotangent):
+    """`cotangent * activation'(z)`, with the backend's own autodiff."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            activated = activation(z)
+        return tape.gradient(activated, z, output_gradients=cotangent)
+    if backend == "jax":
+        import jax
+
+        return jax.vjp(activation, z)[1](cotangent)[0]
+    import torch
+
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        return torch.autograd.grad(activation(z), z, grad_outputs=cotangent)[0]
 
 
 class DenseRule(_Rule):
@@ -214,26 +230,23 @@ def _convolution_rows(layer, a, delta):
     in_size = a.shape[1 : 1 + rank]
     if None in out_size or None in in_size:
         return None
-    if layer.padding == "same":  # TensorFlow's SAME: the extra row or column goes after
+    if layer.padding == "same":  # TensorFlow's SAME (Keras's on every backend): the extra row or column goes after
         pads = []
         for n, k, s, o in zip(in_size, layer.kernel_size, layer.strides, out_size):
             total = max((o - 1) * s + k - n, 0)
-            pads.append([total // 2, total - total // 2])
-        a = tf.pad(a, [[0, 0], *pads, [0, 0]])
+            pads.append((total // 2, total - total // 2))
+        a = ops.pad(a, [(0, 0), *pads, (0, 0)])
     positions = 1
     for o in out_size:
         positions *= o
-    d = tf.reshape(delta, [-1, positions, delta.shape[-1]])
+    d = ops.reshape(delta, [-1, positions, delta.shape[-1]])
     rows = []
     for offset in itertools.product(*[range(k) for k in layer.kernel_size]):
-        begin = [0, *offset, 0]
-        end = [0, *[o + (n - 1) * s + 1 for o, n, s in zip(offset, out_size, layer.strides)], 0]
-        strides = [1, *layer.strides, 1]
-        shifted = tf.strided_slice(a, begin, end, strides, begin_mask=1, end_mask=1 | (1 << (rank + 1)))
-        patch = tf.reshape(shifted, [-1, positions, a.shape[-1]])
-        rows.append(tf.matmul(patch, d, transpose_a=True))  # [B, in channels, filters]
-    kernel_rows = tf.reshape(tf.stack(rows, axis=1), [tf.shape(delta)[0], -1])
-    return kernel_rows, tf.reduce_sum(d, axis=1)
+        window = tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out_size, layer.strides))
+        patch = ops.reshape(a[(slice(None), *window)], [-1, positions, a.shape[-1]])
+        rows.append(ops.matmul(ops.transpose(patch, (0, 2, 1)), d))  # [B, in channels, filters]
+    kernel_rows = ops.reshape(ops.stack(rows, axis=1), [ops.shape(delta)[0], -1])
+    return kernel_rows, ops.sum(d, axis=1)
 
 
 class EmbeddingRule(_Rule):

@@ -98,7 +98,7 @@ class NoiseMonitor(keras.callbacks.Callback):
     every measurement with its step. Measuring leaves the model's state and
     the optimizer's noise stream untouched.
 
-    Everything comes from the Gram matrix `K = G G^T`. For a network whose
+    Everything comes from the Gram matrix `K = G G^T`. On TensorFlow and PyTorch, for a network whose
     trainable layers are all `keras.layers.Dense` (on `[B, features]`
     inputs), `Conv1D` or `Conv2D` (channels last, no dilation or groups),
     `Embedding` or `LayerNormalization`, with no BatchNormalization,
@@ -108,8 +108,8 @@ class NoiseMonitor(keras.callbacks.Callback):
     `sum_{s,t} [id_is = id_jt] <d_is, d_jt>` over the positions (or the
     products of its rows, where the vocabulary is below positions^2), a
     convolution or LayerNormalization the products of its small per-example
-    rows, all from one batched forward and backward pass. Other models, and
-    `method="per_example"`, form `G`
+    rows, all from one batched forward and backward pass. Other models,
+    `method="per_example"`, and every model on JAX form `G`
     with `per_example_gradients`. After a measurement, `gram_source` says
     which was used: `"layers"` or `"per_example"`.
 
@@ -124,8 +124,8 @@ class NoiseMonitor(keras.callbacks.Callback):
             Defaults to `None`.
         chunk_size: Passed to `per_example_gradients`. Defaults to `None`.
         log_dir: Optional directory for per-measurement TensorBoard scalars
-            (needs the `tensorboard` package: `pip install keras_noisygd[tensorboard]`).
-            Defaults to `None`.
+            (needs the `tensorboard` package: `pip install keras_noisygd[tensorboard]`,
+            and the TensorFlow backend). Defaults to `None`.
         seed: Seed of the monitor's own noise draws. Defaults to `0`.
         method: `"auto"` (the Gram matrix from the layers' inputs and
             output gradients where that applies, else from `G`) or
@@ -184,7 +184,7 @@ class NoiseMonitor(keras.callbacks.Callback):
         self._configurations = {}  # this fit's optimizer and model
         self._gram = _compiled(self._gram_matrix)
         self._plan = None
-        if self.method == "auto" and _BACKEND == "tensorflow":  # the layer rules need TensorFlow for now
+        if self.method == "auto" and _BACKEND != "jax":  # the layer rules need a gradient at each layer's output
             from keras_noisygd import _gram
 
             self._plan = _gram.cached_plan(self.model)
@@ -254,16 +254,14 @@ class NoiseMonitor(keras.callbacks.Callback):
         return sum(ops.matmul(f, ops.transpose(f)) for f in flat)
 
     def _layer_gram(self, x, y, sample_weight):
-        """`(K, mismatch)` from the layer rules (TensorFlow), compiled once per `fit`."""
+        """`(K, mismatch)` from the layer rules (TensorFlow, compiled once per `fit`, and PyTorch)."""
         if self._layer_gram_function is None:
-            import tensorflow as tf
-
             from keras_noisygd import _gram
 
             def layer_gram(x, y, sample_weight):
                 return _gram.gram(self._plan, self.model, x, y, sample_weight=sample_weight, loss=self.loss)
 
-            self._layer_gram_function = tf.function(layer_gram, jit_compile=False)
+            self._layer_gram_function = _compiled(layer_gram)
         return self._layer_gram_function(x, y, sample_weight)
 
     def _probe_gram(self, x, y, sample_weight):
@@ -274,7 +272,7 @@ class NoiseMonitor(keras.callbacks.Callback):
             result = self._layer_gram(x, y, sample_weight)
             if result is not None and float(result[1]) <= _gram.TOLERANCE:
                 self.gram_source = "layers"
-                return result[0].numpy()
+                return ops.convert_to_numpy(result[0])
             self._plan = None  # the check failed (a layer applied twice, say): form G from now on
         self.gram_source = "per_example"
         values = None

@@ -1,4 +1,8 @@
-"""The per-example engine: the gradient matrix `G`, one row per example, vectorised with `tf.vectorized_map`.
+"""The per-example engine: the gradient matrix `G`, one row per example, on every Keras backend.
+
+The methods below are TensorFlow's (`tf.vectorized_map`, in `_tf_per_example`);
+JAX and PyTorch have the same methods with `jax.vmap`/`jax.vjp` and
+`torch.func` (`_functional_per_example`), and PyTorch also the layer rows.
 
 Two exact ways to form `G_i = d l_i / d theta`, both from `model.stateless_call`
 (so computing `G` leaves the model's state alone):
