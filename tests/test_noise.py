@@ -1,4 +1,8 @@
-"""Samplers against paper-notes sections 3 and 6: mean, covariance, calibration, purity."""
+"""Samplers against paper-notes sections 3 and 6: mean, covariance, calibration, purity.
+
+Tests marked `all_backends` run on every backend; the moments from 40,000 draws run on TensorFlow (on the
+others, test_backends.py checks every sampler's draws against the NumPy reference, which carries them over).
+"""
 
 import numpy as np
 import pytest
@@ -6,6 +10,7 @@ import rng_reference
 import tensorflow as tf
 
 from keras_noisygd import noise
+from tests.helpers import to_numpy
 
 N = 8
 DRAWS = 40_000
@@ -93,6 +98,7 @@ def sgd_cov(b, n):
     return n * (n - b) / (b * (n - 1)) * (np.eye(n) - 1.0 / n)
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("b", [1, 2, 5, 8])
 def test_calibration_formulas(b):
     # Hand-written formulas of paper-notes section 3, N = 8.
@@ -110,12 +116,13 @@ def test_calibration_formulas(b):
         np.testing.assert_allclose(sparse_c.covariance(n), sgd_cov(b, n), atol=1e-12)
 
 
+@pytest.mark.all_backends
 def test_sparse_classes_reduce_to_the_full_ones_when_k_is_n():
     for centered in (False, True):
         full = noise.Gaussian.emulating(3, N, centered=centered)
         sparse = noise.SparseGaussian.emulating(3, N, num_noisy=N, centered=centered)
         np.testing.assert_allclose(sparse.covariance(N), full.covariance(N), atol=1e-12)
-    m = noise.SparseGaussian(N, 1.0).sample(5, N).numpy()
+    m = to_numpy(noise.SparseGaussian(N, 1.0).sample(5, N))
     assert (m != 1.0).all()
 
 
@@ -124,14 +131,16 @@ def test_calibration_with_a_tensor_batch_size_matches_python():
     assert fn(tf.constant(N)).numpy() == pytest.approx(noise.Gaussian.emulating(3, N, centered=True).std, rel=1e-15)
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize(
     "sampler", [noise.SGDSampling(N), noise.Bernoulli(1.0), noise.Gaussian.emulating(N, N, centered=True),
                 noise.SparseGaussian.emulating(N, N, centered=True)], ids=repr
 )
 def test_degenerate_settings_are_plain_gd(sampler):
-    np.testing.assert_array_equal(sampler.sample(9, N, "float64").numpy(), np.ones(N))
+    np.testing.assert_array_equal(to_numpy(sampler.sample(9, N, "float32")), np.ones(N))
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("name", noise.NAMES)
 def test_names_give_templates_and_round_trip(name):
     sampler = noise.get(name)
@@ -143,6 +152,7 @@ def test_names_give_templates_and_round_trip(name):
     assert noise.get(noise.serialize(calibrated)) == calibrated
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("sampler", CONFIGURED, ids=IDS)
 def test_config_round_trip(sampler):
     restored = noise.get(noise.serialize(sampler))
@@ -175,6 +185,7 @@ BAD = [
 ]
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize("make, message", BAD, ids=[m for _, m in BAD])
 def test_bad_arguments_raise_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
@@ -192,13 +203,14 @@ def test_too_small_dynamic_batch_fails_at_run_time(sampler):
     np.testing.assert_array_equal(xla(tf.constant(8)).numpy(), sampler.sample(0, 8).numpy())
 
 
-def test_float64_weights_keep_full_precision():
+@pytest.mark.all_backends
+def test_float64_weights_keep_full_precision(float64):
     # The weights are 1 + std * eps with eps computed in float64; a Python std must enter in float64 (rounded
     # through float32 it would be off by ~1e-8 relative), so (m - 1) / std is the same eps for any std.
     seed = [17, 2]
-    eps = [(noise.Gaussian(std).sample(seed, N, "float64").numpy() - 1) / std for std in (0.3, 0.7)]
+    eps = [(to_numpy(noise.Gaussian(std).sample(seed, N, "float64")) - 1) / std for std in (0.3, 0.7)]
     np.testing.assert_allclose(eps[0], eps[1], rtol=1e-14)
     reference = rng_reference.gaussian(seed, N, 1.0) - 1  # NumPy Box-Muller on the same bits, float64
     np.testing.assert_allclose(eps[0], reference, rtol=1e-13, atol=1e-13)  # float64 log/cos on both sides
     keep = rng_reference.uniform(rng_reference.words(seed, N, 0)[0]) < np.float32(0.3)
-    np.testing.assert_array_equal(noise.Bernoulli(0.3).sample(seed, N, "float64").numpy(), keep / 0.3)
+    np.testing.assert_array_equal(to_numpy(noise.Bernoulli(0.3).sample(seed, N, "float64")), keep / 0.3)
