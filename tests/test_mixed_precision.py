@@ -109,7 +109,6 @@ def test_the_policy_is_restored_after_the_mixed_precision_tests():
     assert keras.config.dtype_policy().name == "float32"
 
 
-@pytest.mark.tensorflow_only  # the per-example engine
 def test_per_example_engine_under_mixed_precision_trains_like_the_weighted_engine(mixed_float16):
     # engine="per_example" applies the LossScaleOptimizer's scale to every per-example loss itself; it must
     # give the weighted engine's float16 run (same noise) within float16 precision, with no step skipped.

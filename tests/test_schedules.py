@@ -112,7 +112,6 @@ def test_a_schedule_survives_config_and_keras_file_round_trips(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.tensorflow_only  # NoiseMonitor
 def test_noise_monitor_follows_the_schedule(float64):
     x, y = classification_data(N, dtype="float64")
     model = mlp(dtype="float64")
