@@ -131,12 +131,14 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--memory-batch-sizes", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument("--no-times", action="store_true", help="skip the time pass (memory needs no quiet machine)")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args)
         return
-    time_pass(args)
+    if not args.no_times:
+        time_pass(args)
     if not args.no_memory:
         memory_pass(args)
 

@@ -378,13 +378,15 @@ def main(argv=None):
         help="methods of the memory pass (names as in the time table, or 'all'); default: all but the loops",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument("--no-times", action="store_true", help="skip the time pass (memory needs no quiet machine)")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args)
         return
-    time_pass(args)
-    conv_formulations(args.conv_batch_size, args.repeats)
+    if not args.no_times:
+        time_pass(args)
+        conv_formulations(args.conv_batch_size, args.repeats)
     if not args.no_memory:
         memory_pass(args)
 

@@ -276,7 +276,7 @@ class NoiseMonitor(keras.callbacks.Callback):
             self._plan = None  # the check failed (a layer applied twice, say): form G from now on
         self.gram_source = "per_example"
         values = None
-        if _BACKEND != "tensorflow":  # passed in: a compiled JAX function would keep the values it was traced with
+        if _BACKEND == "jax":  # passed in: a compiled JAX function would keep the values it was traced with
             values = ([v.value for v in self.model.trainable_variables],
                       [v.value for v in self.model.non_trainable_variables])
         return ops.convert_to_numpy(self._gram(values, x, y, sample_weight))
