@@ -46,6 +46,7 @@ import tensorflow as tf  # noqa: E402
 from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 
 import keras_noisygd as kn  # noqa: E402
+from keras_noisygd import _layer_rules  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # every method is a new tf.function of the same code: no retracing warnings
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -244,12 +245,13 @@ def check_jax_agrees(model, x, y):
 
 
 def conv_formulations(batch_size, repeats, shape=(28, 28, 1), filters=10, kernel=5):
-    """Per-example filter gradients of one Conv2D: TensorFlow's pfor fallback against im2col + einsum.
+    """Per-example filter gradients of one Conv2D: TensorFlow's pfor fallback, im2col + einsum, and the layer rule.
 
     `tf.vectorized_map` has no vectorised rule for `Conv2DBackpropFilter` with per-example inputs and
     falls back to a `while_loop` over the examples. The same values come from the input patches
     (`tf.image.extract_patches`, im2col) contracted with the output gradients in one einsum, which is what
-    JAX's `vmap` rule amounts to. Both are timed against the batched (summed) filter gradient.
+    JAX's `vmap` rule amounts to. The layer rule of `per_example_gradients` (`_layer_rules`) takes one
+    batched matmul per kernel offset instead. All are timed against the batched (summed) filter gradient.
     """
     rng = np.random.default_rng(0)
     h, w, c = shape
@@ -269,11 +271,20 @@ def conv_formulations(batch_size, repeats, shape=(28, 28, 1), filters=10, kernel
         columns = tf.image.extract_patches(x, [1, kernel, kernel, 1], [1, 1, 1, 1], [1, 1, 1, 1], "VALID")
         return tf.reshape(tf.einsum("bhwk,bhwo->bko", columns, dy), [batch_size, kernel, kernel, c, filters])
 
+    layer = keras.layers.Conv2D(filters, kernel)
+    layer.build((None, h, w, c))
+
+    def offsets(x, dy):  # what per_example_gradients uses: the layer rule's batched matmul per kernel offset
+        kernel_rows, _ = _layer_rules._convolution_rows(layer, x, dy)
+        return tf.reshape(kernel_rows, [batch_size, kernel, kernel, c, filters])
+
     np.testing.assert_allclose(pfor(x, dy), patches(x, dy), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(offsets(x, dy), patches(x, dy), rtol=1e-4, atol=1e-4)
     print(f"\nConv2D {shape} -> {filters} filters {kernel}x{kernel}, B={batch_size}: per-example filter gradients")
     for xla in (False, True):
         times = {}
-        for name, fn in (("batched (summed)", batched), ("pfor while_loop", pfor), ("im2col + einsum", patches)):
+        for name, fn in (("batched (summed)", batched), ("pfor while_loop", pfor), ("im2col + einsum", patches),
+                         ("offset matmuls", offsets)):
             compiled = tf.function(fn, jit_compile=xla)
             times[name] = median_seconds(lambda compiled=compiled: compiled(x, dy).numpy(), repeats)
         base = times["batched (summed)"]
@@ -379,10 +390,14 @@ def main(argv=None):
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--no-times", action="store_true", help="skip the time pass (memory needs no quiet machine)")
+    parser.add_argument("--conv-only", action="store_true", help="only the Conv2D formulation table")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args)
+        return
+    if args.conv_only:
+        conv_formulations(args.conv_batch_size, args.repeats)
         return
     if not args.no_times:
         time_pass(args)
