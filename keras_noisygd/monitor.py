@@ -244,12 +244,9 @@ class NoiseMonitor(keras.callbacks.Callback):
 
     def _gram_matrix(self, values, x, y, sample_weight):
         """`K = G G^T` from the rows of `per_example_gradients` at the trainable and non-trainable `values`."""
-        result = per_example._compute(
+        grads = per_example._rows(per_example._compute(
             self.model, x, y, sample_weight=sample_weight, loss=self.loss, chunk_size=self.chunk_size, values=values
-        )
-        grads = result.gradients
-        if result.regularization_gradients is not None:
-            grads = [g + ops.expand_dims(r, 0) for g, r in zip(grads, result.regularization_gradients)]
+        ))
         flat = [ops.reshape(ops.cast(g, _wide_float()), [self.probe_size, -1]) for g in grads]
         return sum(ops.matmul(f, ops.transpose(f)) for f in flat)
 

@@ -94,10 +94,14 @@ def per_example_gradients(model, x, y, sample_weight=None, loss=None, chunk_size
     mean_gradient = [keras.ops.mean(g, axis=0) for g in grads]   # = the batch gradient
     ```
     """
-    result = _compute(model, x, y, sample_weight=sample_weight, loss=loss, chunk_size=chunk_size, method=method)
+    return _rows(_compute(model, x, y, sample_weight=sample_weight, loss=loss, chunk_size=chunk_size, method=method))
+
+
+def _rows(result):
+    """The rows `G_i` of a `PerExample`: its data-loss rows plus the shared regularization gradient."""
     if result.regularization_gradients is None:
         return result.gradients
-    return [g + r[None] for g, r in zip(result.gradients, result.regularization_gradients)]
+    return [g + ops.expand_dims(r, 0) for g, r in zip(result.gradients, result.regularization_gradients)]
 
 
 def _compute(
