@@ -100,14 +100,10 @@ def _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale):
     plan = _gram.cached_plan(model)
     if plan is None:
         return None
-    dtype = model.trainable_variables[0].dtype
-    scale = ops.cast(loss_scale, dtype)
-    data_scale = scale if weights is None else scale / _batch_size_of(x)
-    fast = _gram.rows(plan, model, x, y, sample_weight, loss, data_scale, scale)
-    if fast is None or float(fast[1].mismatch) > _gram.TOLERANCE:
+    fast = _gram.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
+    if fast is None or float(fast[1].mismatch) > _gram.TOLERANCE:  # eager: one host read of the check
         return None  # a layer applied twice, say: the general method
-    rows, captured = fast
-    gradients = rows if weights is None else [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in rows]
+    gradients, captured = fast
     unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
     return PerExample(gradients, captured.regularization_gradients, captured.losses, "layers", captured.y_pred, unchanged)
 

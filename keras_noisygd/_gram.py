@@ -235,3 +235,23 @@ def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regu
         for variable, variable_rows in zip(rule.variables(layer), rule.rows()):
             by_variable[id(variable)] = variable_rows
     return [by_variable[id(v)] for v in model.trainable_variables], captured
+
+
+def per_example_rows(plan_, model, x, y, sample_weight, loss, weights, loss_scale):
+    """`(gradients, Captured)` for `per_example._compute`, or `None` (a convolution's sizes unknown).
+
+    `gradients` are the rows of `G` (each loss times `loss_scale`), or with
+    `weights` their weighted mean `(1/B) sum_i weights_i G_i` (the `1/B` in
+    the backward pass, as in the general methods). The caller checks
+    `Captured.mismatch` and forms `G` the general way where it fails.
+    """
+    dtype = model.trainable_variables[0].dtype
+    scale = ops.cast(loss_scale, dtype)
+    data_scale = scale if weights is None else scale / ops.cast(_batch_size_of(x), dtype)
+    fast = rows(plan_, model, x, y, sample_weight, loss, data_scale, scale)
+    if fast is None:
+        return None
+    data_rows, captured = fast
+    if weights is not None:
+        data_rows = [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in data_rows]
+    return data_rows, captured

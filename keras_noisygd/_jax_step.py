@@ -78,9 +78,7 @@ def _per_example_step(model, state, data, weights):
         model, x, y, sample_weight, weights=weights, chunk_size=find_noisy_optimizer(model.optimizer).chunk_size,
         loss_scale=loss_scale, values=(trainable, non_trainable),
     )
-    gradients = result.gradients
-    if result.regularization_gradients is not None:
-        gradients = [g + r for g, r in zip(gradients, result.regularization_gradients)]
+    gradients = per_example._update(result)
     # The engine's batched forward pass is the step's: its predictions feed the loss and metrics, its new
     # state (BN statistics, seeds) is the step's update.
     non_trainable = [old if new is None else new for new, old in zip(result.state, non_trainable)]

@@ -19,28 +19,23 @@ def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weigh
 
     `loss` is the user's argument, `loss_fn` its per-example function (`per_example._loss_function`).
     """
-    from keras_noisygd.per_example import PerExample
-
     arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
     if method == "auto" and chunk_size is None:
         from keras_noisygd import _gram  # it builds on per_example
 
         plan = _gram.cached_plan(model)
         if plan is not None:
-            dtype = model.trainable_variables[0].dtype
-            scale = tf.cast(loss_scale, dtype)
-            data_scale = scale if weights is None else scale / tf.cast(_batch_size_of(x), dtype)
-            fast = _gram.rows(plan, model, x, y, sample_weight, loss, data_scale, scale)
+            fast = _gram.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
             if fast is not None:
-                return _from_layer_rows(model, *fast, weights, lambda: _general(*arguments), PerExample)
+                return _from_layer_rows(model, *fast, lambda: _general(*arguments))
     return _general(*arguments)
 
 
-def _from_layer_rows(model, rows, captured, weights, general, PerExample):
+def _from_layer_rows(model, gradients, captured, general):
     """The `PerExample` of the layer rows, or of `general()` where their check fails (a `tf.cond`)."""
     from keras_noisygd import _gram
+    from keras_noisygd.per_example import PerExample
 
-    gradients = rows if weights is None else [tf.tensordot(tf.cast(weights, g.dtype), g, axes=1) for g in rows]
     fast = (gradients, captured.regularization_gradients, captured.losses, captured.y_pred)
 
     def slow():

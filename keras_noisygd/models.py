@@ -90,7 +90,7 @@ class NoisyTrainStep:
         return y_pred[0], gradients
 
     def _per_example_gradients(self, x, y, sample_weight, weights, chunk_size):
-        """`G W + grad R` with `G` formed: the same update, through `per_example._compute` (TensorFlow)."""
+        """`G W + grad R` with `G` formed: the same update, through `per_example._compute` (TensorFlow, PyTorch)."""
         from keras_noisygd import per_example
 
         # The scaling `compute_loss` and `scale_loss` apply: 1/replicas (tf.distribute) and the loss scale.
@@ -103,9 +103,7 @@ class NoisyTrainStep:
         for variable, value in zip(self.non_trainable_variables, result.state):
             if value is not None:
                 variable.assign(value)
-        gradients = result.gradients
-        if result.regularization_gradients is not None:
-            gradients = [g + r for g, r in zip(gradients, result.regularization_gradients)]
+        gradients = per_example._update(result)
         return result.y_pred, gradients
 
     def compile(self, *args, **kwargs):

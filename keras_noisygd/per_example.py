@@ -97,6 +97,13 @@ def per_example_gradients(model, x, y, sample_weight=None, loss=None, chunk_size
     return _rows(_compute(model, x, y, sample_weight=sample_weight, loss=loss, chunk_size=chunk_size, method=method))
 
 
+def _update(result):
+    """`G W + grad R` of a `PerExample` computed with weights: the weighted rows plus the regularization gradient."""
+    if result.regularization_gradients is None:
+        return result.gradients
+    return [g + r for g, r in zip(result.gradients, result.regularization_gradients)]
+
+
 def _rows(result):
     """The rows `G_i` of a `PerExample`: its data-loss rows plus the shared regularization gradient."""
     if result.regularization_gradients is None:
