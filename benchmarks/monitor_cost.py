@@ -36,7 +36,7 @@ from _timing import seconds_per_step  # noqa: E402
 from step_time import MODELS, synthetic_batch  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
-from keras_noisygd import _gram  # noqa: E402
+from keras_noisygd.per_example import layer_rows  # noqa: E402
 
 WAYS = ("none", "auto", "per_example")  # no monitor, and the monitor's two methods
 
@@ -106,7 +106,7 @@ def memory_pass(args):
 def _sizes_mib(name, batch_size):
     """MiB of `K` (B^2 float64), of the Gram path's captured inputs and outputs (float32) and of `G` (B x d float32)."""
     model, _, _ = build(name, 1)
-    plan = _gram.plan(model)
+    plan = layer_rows.plan(model)
     per_example = 0
     for layer in plan.layers if plan is not None else []:
         for tensor in (layer.input, layer.output):

@@ -46,7 +46,7 @@ import tensorflow as tf  # noqa: E402
 from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 
 import keras_noisygd as kn  # noqa: E402
-from keras_noisygd import _layer_rules  # noqa: E402
+from keras_noisygd.per_example.rules.convolution import convolution_rows  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # every method is a new tf.function of the same code: no retracing warnings
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -275,7 +275,7 @@ def conv_formulations(batch_size, repeats, shape=(28, 28, 1), filters=10, kernel
     layer.build((None, h, w, c))
 
     def offsets(x, dy):  # what per_example_gradients uses: the layer rule's batched matmul per kernel offset
-        kernel_rows, _ = _layer_rules._convolution_rows(layer, x, dy)
+        kernel_rows, _ = convolution_rows(layer, x, dy)
         return tf.reshape(kernel_rows, [batch_size, kernel, kernel, c, filters])
 
     np.testing.assert_allclose(pfor(x, dy), patches(x, dy), rtol=1e-4, atol=1e-4)

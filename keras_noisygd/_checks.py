@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import numbers
 
-import keras
 import numpy as np
 from keras import ops
+
+from keras_noisygd import _backend
 
 
 def is_static(value) -> bool:
@@ -85,15 +86,19 @@ def guarded(weights, conditions):
     """
     if not conditions:
         return weights
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        from keras_noisygd import _tf_bookkeeping
-
-        weights = _tf_bookkeeping.asserted(weights, conditions)
-    elif backend == "torch":
-        for ok, message in conditions:
-            if not bool(ops.convert_to_numpy(ok)):
-                parts = [message] if isinstance(message, str) else message
-                raise ValueError(" ".join(str(p if isinstance(p, str) else ops.convert_to_numpy(p)) for p in parts))
+    weights = _backend.asserted(weights, conditions)
     all_ok = ops.all(ops.stack([ops.cast(ok, "bool") for ok, _ in conditions]))
     return ops.where(all_ok, weights, ops.cast(float("nan"), weights.dtype))
+
+
+def check_batch_size(batch_size):
+    """`batch_size`, refused if empty: now for a Python int, at run time for a tensor (`_backend.asserted`).
+
+    A compiled step cannot raise; `NoisyTrainStep` then reports the loss of an
+    empty batch as NaN, so `keras.callbacks.TerminateOnNaN` stops.
+    """
+    if not ops.is_tensor(batch_size):
+        return check_int("batch_size", batch_size, 1)
+    message = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size=",
+               batch_size]
+    return _backend.asserted(batch_size, [(batch_size >= 1, message)])

@@ -3,42 +3,12 @@
 from __future__ import annotations
 
 import keras
-from keras import ops, tree
+from keras import ops
 
-if keras.backend.backend() == "tensorflow":
-    from keras_noisygd import _tf_bookkeeping as _bookkeeping
-else:
-    from keras_noisygd import _bookkeeping
+from keras_noisygd import _backend
+from keras_noisygd._batch import combine_weights
 
 __all__ = ["noisy_gradients"]
-
-
-def _batch_size_of(x):
-    """Number of examples in `x` (a tensor or a nest of tensors): a Python int when static."""
-    first = next(t for t in tree.flatten(x) if t is not None)
-    static = first.shape[0]
-    return int(static) if static is not None else ops.shape(first)[0]
-
-
-def _combine_weights(sample_weight, weights):
-    """The user's `sample_weight` (None, a tensor or a nest of them) times the `[B]` noise weights.
-
-    Each user weight tensor (`[B]`, `[B, 1]`, `[B, T]`, ...) is cast to the noise
-    weights' float dtype (integer masks would otherwise truncate the noise) and
-    multiplied by them along its first axis.
-    """
-    if sample_weight is None:
-        return weights
-
-    def times(w):
-        if w is None:
-            return weights
-        w = ops.cast(w, weights.dtype)
-        if w.shape is None or len(w.shape) is None:
-            raise ValueError(f"Argument `sample_weight` must have a known rank. Received: sample_weight={w!r}")
-        return w * ops.reshape(weights, [-1] + [1] * (len(w.shape) - 1))
-
-    return tree.map_structure(times, sample_weight)
 
 
 def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
@@ -84,7 +54,7 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     ```
     """
-    weights = _combine_weights(sample_weight, weights)
+    weights = combine_weights(sample_weight, weights)
 
     def weighted_loss():
         y_pred = model(x, training=True)
@@ -96,7 +66,7 @@ def noisy_gradients(model, x, y, weights, loss=None, sample_weight=None):
             value = value + _replica_share(regularization)
         return value
 
-    return _bookkeeping.gradients(weighted_loss, lambda: model.trainable_variables)
+    return _backend.gradients(weighted_loss, lambda: model.trainable_variables)
 
 
 def _replica_share(value):
@@ -106,7 +76,7 @@ def _replica_share(value):
     share: the batch mean over `R` replicas' equal batches is the sum of their
     means over `R`, and a regularization term is counted once.
     """
-    replicas = _bookkeeping.num_replicas()
+    replicas = _backend.num_replicas()
     return value / replicas if replicas > 1 else value
 
 

@@ -1,22 +1,17 @@
 """Keras models whose `train_step` injects the optimizer's sampling noise.
 
-The train step has one form for the stateful backends (TensorFlow and
-PyTorch, which differ only in how a gradient is taken) and one for JAX,
-whose trainer passes the state in and out (`_jax_step.py`).
+`NoisyTrainStep` is the mixin; `NoisyModel`, `NoisySequential` and `noisy()`
+put it on Keras's functional, subclassed and sequential models. The step
+itself lives in `keras_noisygd.train_step`.
 """
 
 from __future__ import annotations
 
 import keras
-from keras import ops, tree
 
-from keras_noisygd.gradients import _batch_size_of, _combine_weights
+from keras_noisygd import _backend
+from keras_noisygd import train_step as steps
 from keras_noisygd.optimizers import find_noisy_optimizer
-
-if keras.backend.backend() == "tensorflow":
-    from keras_noisygd import _tf_bookkeeping as _bookkeeping
-else:
-    from keras_noisygd import _bookkeeping
 
 __all__ = ["NoisyTrainStep", "NoisyModel", "NoisySequential", "noisy"]
 
@@ -33,17 +28,19 @@ class NoisyTrainStep:
     reported `loss` are computed on the clean (un-noised) loss. With any other
     optimizer it is `keras.Model.train_step`. The same on TensorFlow, JAX and
     PyTorch.
+
+    Attributes:
+        noisy_loss_weights: The `loss_weights` passed to `compile` (the
+            per-example engine weights each output's loss by them).
     """
 
-    if keras.backend.backend() == "jax":
+    if _backend.STATELESS:  # JAX: the trainer passes the state in and out
 
         def train_step(self, state, data):
             """One noisy step on JAX: `train_step(state, data) -> (logs, state)`, as `JAXTrainer`'s."""
             if find_noisy_optimizer(self.optimizer) is None:
                 return super().train_step(state, data)
-            from keras_noisygd import _jax_step
-
-            return _jax_step.train_step(self, state, data)
+            return steps.step(self, state, data)
 
     else:
 
@@ -56,59 +53,13 @@ class NoisyTrainStep:
             Returns:
                 The logs dict of `compute_metrics`, with the clean `loss`.
             """
-            optimizer = find_noisy_optimizer(self.optimizer)
-            if optimizer is None:
+            if find_noisy_optimizer(self.optimizer) is None:
                 return super().train_step(data)
-            _check_reductions(self.loss)
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            batch_size = _batch_size_of(x)
-            weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
-            if optimizer.engine == "per_example":
-                y_pred, gradients = self._per_example_gradients(x, y, sample_weight, weights, optimizer.chunk_size)
-            else:
-                y_pred, gradients = self._weighted_gradients(x, y, sample_weight, weights)
-            # The clean loss is read before the update (regularizers see these weights).
-            y_pred = tree.map_structure(ops.stop_gradient, y_pred)
-            clean_loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            _bookkeeping.apply_gradients(self.optimizer, gradients, self.trainable_weights)
-            self._report_loss(clean_loss, batch_size, weights)
-            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    def _weighted_gradients(self, x, y, sample_weight, weights):
-        """`G W + grad R` as the gradient of the re-weighted loss: one backward pass."""
-        y_pred = []
-
-        def noisy_loss():
-            y_pred.append(self(x, training=True))
-            with _per_output_loss_metrics_untouched(self, y_pred[0]):  # they must see the clean loss only
-                loss = self.compute_loss(
-                    x=x, y=y, y_pred=y_pred[0], sample_weight=_combine_weights(sample_weight, weights), training=True
-                )
-            return self.optimizer.scale_loss(loss)
-
-        gradients = _bookkeeping.gradients(noisy_loss, lambda: self.trainable_weights)
-        return y_pred[0], gradients
-
-    def _per_example_gradients(self, x, y, sample_weight, weights, chunk_size):
-        """`G W + grad R` with `G` formed: the same update, through `per_example._compute` (TensorFlow, PyTorch)."""
-        from keras_noisygd import per_example
-
-        # The scaling `compute_loss` and `scale_loss` apply: 1/replicas (tf.distribute) and the loss scale.
-        loss_scale = self.optimizer.scale_loss(ops.convert_to_tensor(1.0 / _bookkeeping.num_replicas(), weights.dtype))
-        result = per_example._compute(
-            self, x, y, sample_weight, weights=weights, chunk_size=chunk_size, loss_scale=loss_scale
-        )
-        # The engine's batched training-mode forward pass is this step's forward pass: its predictions feed
-        # the metrics, and its new state (BN statistics, seeds) is the update `self(x, training=True)` makes.
-        for variable, value in zip(self.non_trainable_variables, result.state):
-            if value is not None:
-                variable.assign(value)
-        gradients = per_example._update(result)
-        return result.y_pred, gradients
+            return steps.step(self, data)
 
     def compile(self, *args, **kwargs):
         """`keras.Model.compile`; also records `loss_weights` for the per-example engine."""
-        self._noisy_loss_weights = args[2] if len(args) > 2 else kwargs.get("loss_weights")
+        self.noisy_loss_weights = args[2] if len(args) > 2 else kwargs.get("loss_weights")
         super().compile(*args, **kwargs)
 
     def compile_from_config(self, config):
@@ -116,54 +67,6 @@ class NoisyTrainStep:
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)  # the slots, for the saved values to load into
-
-    def _report_loss(self, loss, batch_size, weights):
-        # As in the keras.io custom-train-step guide: the "loss" metric tracks the loss,
-        # un-scaled from tf.distribute's per-replica scaling like `Model.train_step` does.
-        # Weights that are NaN (a compiled step's stand-in for a failed run-time check, `_checks.guarded`)
-        # or empty (an empty batch) make the reported loss NaN, so `TerminateOnNaN` stops.
-        usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))
-        loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
-        replicas = _bookkeeping.num_replicas()
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss * replicas, sample_weight=batch_size)
-                return
-
-
-_NOISE_PRESERVING_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
-
-
-def _check_reductions(loss):
-    """The noisy loss must be `sum_i m_i l_i` over a constant: no division by `sum_i m_i`."""
-    for loss_fn in tree.flatten(loss):
-        reduction = getattr(loss_fn, "reduction", "sum_over_batch_size")
-        if reduction not in _NOISE_PRESERVING_REDUCTIONS:
-            raise ValueError(
-                f"The compiled loss {loss_fn!r} must reduce with one of {list(_NOISE_PRESERVING_REDUCTIONS)} "
-                "so that the noise weights enter as G W (a reduction that divides by the sum of the "
-                f"weights, or none, changes the noise). Received: reduction={reduction!r}"
-            )
-
-
-class _per_output_loss_metrics_untouched:
-    """Restores the per-output loss metrics on exit: `compute_loss` updates them.
-
-    Keras keeps one `"<output>_loss"` metric per output of a multi-output
-    model; a single output has none, and then this costs nothing.
-    """
-
-    def __init__(self, model, y_pred):
-        single_output = len(tree.flatten(y_pred)) == 1
-        metrics = [] if single_output else [m for m in model.metrics if m.name.endswith("_loss")]
-        self.variables = [v for m in metrics for v in m.variables]
-
-    def __enter__(self):
-        self.saved = [ops.copy(v.value) for v in self.variables]
-
-    def __exit__(self, *exc_info):
-        for variable, value in zip(self.variables, self.saved):
-            variable.assign(value)
 
 
 @_register

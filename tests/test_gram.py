@@ -15,8 +15,10 @@ import pytest
 import tensorflow as tf
 
 import keras_noisygd as kn
-from keras_noisygd import _gram, _layer_rules, per_example
+from keras_noisygd import per_example
 from keras_noisygd.layers import GhostBatchNormalization
+from keras_noisygd.per_example import gram as gram_lib
+from keras_noisygd.per_example import layer_rows, rules
 from tests.helpers import mlp
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -78,9 +80,9 @@ def test_dense_rows_give_the_gram_of_the_per_example_rows(float64, build, shape,
     model = build()
     x, y = _data(shape)
     sample_weight = tf.constant(np.linspace(0.5, 2.0, B)) if weighted else None
-    plan = _gram.plan(model)
+    plan = layer_rows.plan(model)
     assert plan is not None
-    gram, mismatch = _gram.gram(plan, model, x, y, sample_weight=sample_weight)
+    gram, mismatch = gram_lib.gram(plan, model, x, y, sample_weight=sample_weight)
     np.testing.assert_allclose(gram.numpy(), _reference(model, x, y, sample_weight), **TOL)
     assert float(mismatch) < 1e-12  # float64: the rebuilt batch gradients are the true ones
 
@@ -113,7 +115,7 @@ def test_convolution_rows_give_the_gram_of_the_per_example_rows(float64, kind, s
     model = _convolutional(kind)
     x, y = _data(shape)
     sample_weight = tf.constant(np.linspace(0.5, 2.0, B))
-    gram, mismatch = _gram.gram(_gram.plan(model), model, x, y, sample_weight=sample_weight)
+    gram, mismatch = gram_lib.gram(layer_rows.plan(model), model, x, y, sample_weight=sample_weight)
     np.testing.assert_allclose(gram.numpy(), _reference(model, x, y, sample_weight), **TOL)
     assert float(mismatch) < 1e-12
 
@@ -173,7 +175,7 @@ def test_models_outside_the_rule_are_refused_before_any_data(float64):
     dilated = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 2, dilation_rate=2)))
     causal = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 2, padding="causal")))
     for model in (subclassed, _coupled(keras.layers.BatchNormalization()), dilated, causal):  # BN: gamma, beta
-        assert _gram.plan(model) is None
+        assert layer_rows.plan(model) is None
 
 
 @pytest.mark.parametrize(
@@ -186,13 +188,13 @@ def test_coupled_or_sequence_models_give_no_layer_gram(float64, build, shape):
     model = build()
     x, y = _data(shape)
     # Refused before any data: state (BN statistics, a Dropout seed) or a Dense layer on a sequence.
-    assert _gram.plan(model) is None
+    assert layer_rows.plan(model) is None
 
 
 def test_a_layer_applied_twice_shows_in_the_mismatch(float64):
     model = _shared()
     x, y = _data((4,))
-    _, mismatch = _gram.gram(_gram.plan(model), model, x, y)
+    _, mismatch = gram_lib.gram(layer_rows.plan(model), model, x, y)
     assert float(mismatch) > 1e-2  # only the first call's input and output are captured
 
 
@@ -231,9 +233,9 @@ def test_float32_model_is_within_float32_rounding_and_passes_the_check():
     model.compile(kn.NoisyGD(0.1, noise="none"), "sparse_categorical_crossentropy")
     rng = np.random.default_rng(1)
     x, y = tf.constant(rng.normal(size=(B, 784)).astype("float32")), tf.constant(rng.integers(0, 10, B))
-    gram, mismatch = _gram.gram(_gram.plan(model), model, x, y)
+    gram, mismatch = gram_lib.gram(layer_rows.plan(model), model, x, y)
     np.testing.assert_allclose(gram.numpy(), _reference(model, x, y), rtol=1e-4, atol=1e-6 * np.abs(gram).max())
-    assert float(mismatch) < _gram.TOLERANCE
+    assert float(mismatch) < layer_rows.TOLERANCE
 
 
 # ---------------------------------------------------------------- Embedding and LayerNormalization rules
@@ -322,9 +324,9 @@ def test_embedding_and_layernorm_rules_give_the_gram_of_the_loop_and_of_the_gene
     model = build()
     x, y = _inputs(spec)
     sample_weight = tf.constant(np.linspace(0.5, 2.0, B))
-    plan = _gram.plan(model)
+    plan = layer_rows.plan(model)
     assert plan is not None
-    gram, mismatch = _gram.gram(plan, model, x, y, sample_weight=sample_weight)
+    gram, mismatch = gram_lib.gram(plan, model, x, y, sample_weight=sample_weight)
     loop = _loop_rows(model, x, y, sample_weight)
     np.testing.assert_allclose(gram.numpy(), loop @ loop.T, **TOL)
     general = kn.per_example_gradients(model, x, y, sample_weight=sample_weight, method="vectorized")
@@ -339,9 +341,9 @@ def test_embedding_and_layernorm_rows_equal_the_loop_and_the_general_path(float6
     model = build()
     x, y = _inputs(spec, seed=1)
     sample_weight = tf.constant(np.linspace(2.0, 0.5, B))
-    assert per_example._compute(model, x, y, sample_weight=sample_weight).method == "layers"
+    assert per_example.compute(model, x, y, sample_weight=sample_weight).method == "layers"
     # The layer rows themselves (not the tf.cond's fallback): their check passes and they equal the loop.
-    data_rows, captured = _gram.rows(_gram.plan(model), model, x, y, sample_weight=sample_weight)
+    data_rows, captured = layer_rows.rows(layer_rows.plan(model), model, x, y, sample_weight=sample_weight)
     assert float(captured.mismatch) < 1e-12
     shared = captured.regularization_gradients or [tf.zeros_like(g[0]) for g in data_rows]
     rows = [g + r[None] for g, r in zip(data_rows, shared)]
@@ -360,9 +362,9 @@ def test_embedding_gram_by_id_equality_equals_the_gram_of_its_rows(float64):
     # otherwise: both must give the same K on the same captured values.
     model = _embedding("equality")
     x, y = _inputs(NEW_RULES["embedding-equality"][1])
-    embedding = _gram.capture(_gram.plan(model), model, x, y).layers[0]
+    embedding = layer_rows.capture(layer_rows.plan(model), model, x, y).layers[0]
     assert embedding.ids.shape[1] ** 2 < model.layers[1].input_dim
-    np.testing.assert_allclose(embedding.gram().numpy(), _layer_rules._Rule.gram(embedding).numpy(), **TOL)
+    np.testing.assert_allclose(embedding.gram().numpy(), rules.Rule.gram(embedding).numpy(), **TOL)
 
 
 @pytest.mark.parametrize("name", ["embedding-rows", "layernorm-dense"])
@@ -387,9 +389,9 @@ def test_layers_outside_the_new_rules_are_refused_before_any_data(float64):
         rms = keras.layers.LayerNormalization(rms_scaling=True)  # deprecated: another function than its name
     fixed = keras.Input((4,), batch_size=B, dtype="int32")
     over_the_batch = keras.layers.LayerNormalization(axis=(0, 2))  # couples the examples
-    assert _gram.plan(_with(keras.layers.Identity())) is not None  # the rest of the model is covered
+    assert layer_rows.plan(_with(keras.layers.Identity())) is not None  # the rest of the model is covered
     for model in (_with(rms), _with(over_the_batch, fixed)):
-        assert _gram.plan(model) is None
+        assert layer_rows.plan(model) is None
 
 
 @pytest.mark.parametrize(
@@ -402,8 +404,8 @@ def test_batch_coupled_models_fall_back_and_stay_exact(float64, layer):
     # plan() refuses them (they hold state) and 'auto' takes the general, exact method.
     model = _with(layer())
     x, y = _inputs(("ids", (4,), 9))
-    assert _gram.plan(model) is None
-    result = per_example._compute(model, x, y)
+    assert layer_rows.plan(model) is None
+    result = per_example.compute(model, x, y)
     assert result.method == "jacobian"
     trainable = [v.value for v in model.trainable_variables]
     state = [v.value for v in model.non_trainable_variables]
@@ -430,6 +432,6 @@ def test_float32_embedding_and_layernorm_pass_the_check_within_float32_rounding(
     model = _compiled(inputs, keras.layers.Dense(3)(hidden))
     rng = np.random.default_rng(2)
     x, y = tf.constant(rng.integers(0, 40, (B, 6)).astype("int32")), tf.constant(rng.integers(0, 3, B))
-    gram, mismatch = _gram.gram(_gram.plan(model), model, x, y)
-    assert float(mismatch) < _gram.TOLERANCE
+    gram, mismatch = gram_lib.gram(layer_rows.plan(model), model, x, y)
+    assert float(mismatch) < layer_rows.TOLERANCE
     np.testing.assert_allclose(gram.numpy(), _reference(model, x, y), rtol=1e-4, atol=1e-6 * np.abs(gram).max())

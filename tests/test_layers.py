@@ -194,7 +194,7 @@ def test_per_example_gradients_go_through_each_rows_ghost_batch(float64, n):
     loop = [np.stack(rows) for rows in zip(*(tape.gradient(loss, trainable) for loss in per_row))]
 
     before = model.get_weights()
-    result = per_example._compute(model, x, y)
+    result = per_example.compute(model, x, y)
     assert result.method == "jacobian"  # the layer updates state in training, so "auto" picks the Jacobian
     for g, expected, variable in zip(result.gradients, loop, model.trainable_variables):
         assert g.shape == (n, *variable.shape)

@@ -275,7 +275,7 @@ def test_bad_optimizer_arguments(kwargs, message):
 
 def test_weights_drawn_outside_the_training_graph_do_not_unlock_a_stock_model():
     if keras.backend.backend() == "torch":
-        pytest.skip("PyTorch runs eagerly: a draw there counts for its thread's next apply (see _bookkeeping.py)")
+        pytest.skip("PyTorch runs eagerly: a draw there counts for its thread's next apply (see keras_noisygd/_backend/torch.py)")
     x, y = classification_data(16)
     optimizer = kn.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=4)
     optimizer.noise_weights(4)  # a peek, eagerly

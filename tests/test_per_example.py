@@ -154,7 +154,7 @@ def test_auto_picks_the_jacobian_exactly_when_training_updates_state(float64, ki
     model = _model(kind)
     x, y = _data(kind)
     before = [np.array(v) for v in model.non_trainable_variables]
-    assert per_example._compute(model, x, y).method == expected
+    assert per_example.compute(model, x, y).method == expected
     # Computing G leaves the model alone: BatchNorm statistics and the Dropout seed are unchanged.
     for old, variable in zip(before, model.non_trainable_variables):
         np.testing.assert_array_equal(old, variable)
@@ -165,7 +165,7 @@ def test_frozen_batchnorm_runs_vectorized(float64, method):
     model = _model("batchnorm")
     model.layers[2].trainable = False  # inference mode: no batch coupling, no state update
     x, y = _data("batchnorm")
-    result = per_example._compute(model, x, y, method=method)
+    result = per_example.compute(model, x, y, method=method)
     assert result.method == "vectorized"  # no layer rows for a model with state, even frozen
     for g, expected in zip(result.gradients, _loop_independent(model, x, y)):
         np.testing.assert_allclose(g, expected, **TOL)
@@ -197,7 +197,7 @@ def test_layer_rows_fall_back_where_their_check_fails(float64, jit_compile):
 def test_layer_rows_equal_the_vectorized_method(float64, kind):
     model = _model(kind)
     x, y = _data(kind)
-    assert per_example._compute(model, x, y).method == "layers"
+    assert per_example.compute(model, x, y).method == "layers"
     fast = kn.per_example_gradients(model, x, y)
     general = kn.per_example_gradients(model, x, y, method="vectorized")
     for a, b in zip(fast, general):

@@ -127,7 +127,7 @@ def test_rows_equal_an_explicit_loop_and_average_to_the_batch_gradient(precision
     model = _model(kind)
     x, y = _data(kind, dtype)
     before = [to_numpy(v) for v in model.non_trainable_variables]
-    result = per_example._compute(model, x, y)
+    result = per_example.compute(model, x, y)
     if kind in COUPLED:
         assert result.method == "jacobian"
     else:  # the layer rows where there is a gradient at each layer's output (not on JAX)
@@ -155,7 +155,7 @@ def test_methods_chunks_and_weights_agree(precision, chunk_size):
             np.testing.assert_allclose(to_numpy(g), expected, **tol)
         # With weights, the engine returns (1/B) sum_i w_i G_i without holding G.
         weights = np.linspace(-1.0, 2.0, B).astype(dtype)
-        weighted = per_example._compute(model, x, y, method=method, chunk_size=chunk_size, weights=weights)
+        weighted = per_example.compute(model, x, y, method=method, chunk_size=chunk_size, weights=weights)
         for g, rows in zip(weighted.gradients, reference):
             np.testing.assert_allclose(to_numpy(g), np.tensordot(weights, rows, axes=1) / B, **tol)
 
@@ -165,8 +165,8 @@ def test_sample_weight_scales_each_row(precision):
     model = _model("regularized")
     x, y = _data("regularized", dtype)
     sample_weight = np.linspace(0.0, 2.0, B).astype(dtype)
-    weighted = per_example._compute(model, x, y, sample_weight=sample_weight)
-    plain = per_example._compute(model, x, y)
+    weighted = per_example.compute(model, x, y, sample_weight=sample_weight)
+    plain = per_example.compute(model, x, y)
     for a, b in zip(weighted.gradients, plain.gradients):
         b = to_numpy(b)
         np.testing.assert_allclose(to_numpy(a), b * sample_weight.reshape([-1] + [1] * (b.ndim - 1)), **tol)
@@ -288,12 +288,13 @@ def test_rows_follow_the_weights_between_calls(precision):
 @pytest.mark.skipif(BACKEND == "jax", reason="JAX has no gradient at a layer's output: the monitor forms G there")
 @pytest.mark.parametrize("kind", ["regularized", "conv1d", "conv2d", "embedding", "layernorm"])
 def test_gram_from_the_layers_equals_the_gram_of_G(precision, kind):
-    from keras_noisygd import _gram
+    from keras_noisygd.per_example import gram as gram_lib
+    from keras_noisygd.per_example import layer_rows
 
     dtype, tol = precision
     model = _model(kind)
     x, y = _data(kind, dtype)
-    gram, mismatch = _gram.gram(_gram.cached_plan(model), model, x, y)
+    gram, mismatch = gram_lib.gram(layer_rows.cached_plan(model), model, x, y)
     assert float(to_numpy(mismatch)) < 1e-6
     rows = kn.per_example_gradients(model, x, y, method="jacobian")
     G = np.concatenate([to_numpy(r).reshape(B, -1) for r in rows], axis=1).astype("float64")

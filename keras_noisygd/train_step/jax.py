@@ -15,23 +15,23 @@ from __future__ import annotations
 import jax
 import keras
 
-from keras_noisygd.gradients import _batch_size_of, _combine_weights
+from keras_noisygd import per_example
+from keras_noisygd._batch import batch_size_of, combine_weights
 from keras_noisygd.optimizers import find_noisy_optimizer
+from keras_noisygd.train_step.common import check_reductions, report_loss
 
 
 def train_step(model, state, data):
     """`(logs, state)` of one noisy step: descend the re-weighted loss, report the clean one."""
-    from keras_noisygd.models import _check_reductions
-
     trainable, non_trainable, optimizer_values, metrics_values = state
-    _check_reductions(model.loss)
+    check_reductions(model.loss)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    batch_size = _batch_size_of(x)  # a Python int: JAX traces with static shapes
+    batch_size = batch_size_of(x)  # a Python int: JAX traces with static shapes
 
     with keras.StatelessScope(state_mapping=list(zip(model.optimizer.variables, optimizer_values))) as scope:
         weights = find_noisy_optimizer(model.optimizer).noise_weights(batch_size, keras.config.floatx())
     optimizer_values = [scope.get_current_value(v) for v in model.optimizer.variables]  # the micro-batch record
-    noisy_weights = _combine_weights(sample_weight, weights)
+    noisy_weights = combine_weights(sample_weight, weights)
 
     def scaled_noisy_loss(trainable):
         mapping = [
@@ -51,7 +51,7 @@ def train_step(model, state, data):
         return scaled, (clean_loss, y_pred, state_after, metrics_after)
 
     if find_noisy_optimizer(model.optimizer).engine == "per_example":
-        clean_loss, y_pred, non_trainable, metrics_values, gradients = _per_example_step(
+        clean_loss, y_pred, non_trainable, metrics_values, gradients = per_example_step(
             model, (trainable, non_trainable, optimizer_values, metrics_values), (x, y, sample_weight), weights
         )
     else:
@@ -60,25 +60,23 @@ def train_step(model, state, data):
     trainable, optimizer_values = model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
 
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_values))) as scope:
-        model._report_loss(clean_loss, batch_size, weights)
+        report_loss(model, clean_loss, batch_size, weights)
         logs = model.compute_metrics(x, y, y_pred, sample_weight)
     metrics_values = [scope.get_current_value(v) for v in model.metrics_variables]
     return logs, (trainable, non_trainable, optimizer_values, metrics_values)
 
 
-def _per_example_step(model, state, data, weights):
+def per_example_step(model, state, data, weights):
     """`engine="per_example"`: `G W + grad R` from the state's values, and the clean loss of the same pass."""
-    from keras_noisygd import per_example
-
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = data
     with keras.StatelessScope(state_mapping=list(zip(model.optimizer.variables, optimizer_values))):
         loss_scale = model.optimizer.scale_loss(keras.ops.convert_to_tensor(1.0, weights.dtype))
-    result = per_example._compute(
+    result = per_example.compute(
         model, x, y, sample_weight, weights=weights, chunk_size=find_noisy_optimizer(model.optimizer).chunk_size,
         loss_scale=loss_scale, values=(trainable, non_trainable),
     )
-    gradients = per_example._update(result)
+    gradients = result.update()
     # The engine's batched forward pass is the step's: its predictions feed the loss and metrics, its new
     # state (BN statistics, seeds) is the step's update.
     non_trainable = [old if new is None else new for new, old in zip(result.state, non_trainable)]

@@ -1,31 +1,35 @@
-"""The per-example engine on TensorFlow: `tf.vectorized_map` over a `tf.GradientTape`, and the layer rows.
+"""The per-example engine on TensorFlow: `tf.vectorized_map` over a `tf.GradientTape`, after the layer rows.
 
-`compute` is `per_example._compute` on the TensorFlow backend (see there and
-the module docstring of `per_example` for the methods). The JAX and PyTorch
-engine is `_functional_per_example`.
+`compute` is `per_example.compute` on TensorFlow (the package docstring of
+`keras_noisygd.per_example` describes the methods). The layer rows' check is
+a `tf.cond`, so a traced step falls back to the general method at run time.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_noisygd.gradients import _batch_size_of
+from keras_noisygd._batch import batch_size_of
+from keras_noisygd.per_example import layer_rows
+from keras_noisygd.per_example.result import PerExample, choose_method, weighted_sum
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale):
-    """`per_example._compute` on TensorFlow: the layer rows where `method="auto"` allows, else `_general`.
+def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale, values=None):
+    """`per_example.compute` on TensorFlow: the layer rows where `method="auto"` allows, else `_general`.
 
-    `loss` is the user's argument, `loss_fn` its per-example function (`per_example._loss_function`).
+    `loss` is the user's argument, `loss_fn` its per-example function
+    (`losses.loss_function`). `values` must be `None`: this engine reads the
+    variables (a `tf.function` sees their current values).
     """
+    if values is not None:
+        raise ValueError("Argument `values` is for the stateless (JAX) engine; TensorFlow reads the variables.")
     arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
     if method == "auto" and chunk_size is None:
-        from keras_noisygd import _gram  # it builds on per_example
-
-        plan = _gram.cached_plan(model)
+        plan = layer_rows.cached_plan(model)
         if plan is not None:
-            fast = _gram.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
+            fast = layer_rows.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
             if fast is not None:
                 return _from_layer_rows(model, *fast, lambda: _general(*arguments))
     return _general(*arguments)
@@ -33,26 +37,21 @@ def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weigh
 
 def _from_layer_rows(model, gradients, captured, general):
     """The `PerExample` of the layer rows, or of `general()` where their check fails (a `tf.cond`)."""
-    from keras_noisygd import _gram
-    from keras_noisygd.per_example import PerExample
-
     fast = (gradients, captured.regularization_gradients, captured.losses, captured.y_pred)
 
     def slow():
         result = general()
         return (result.gradients, result.regularization_gradients, result.losses, result.y_pred)
 
-    chosen = tf.cond(captured.mismatch <= _gram.TOLERANCE, lambda: fast, slow)
+    chosen = tf.cond(captured.mismatch <= layer_rows.TOLERANCE, lambda: fast, slow)
     unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
     return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
 
 
 def _general(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale):
-    from keras_noisygd.per_example import PerExample, choose_method
-
     trainable = [v.value for v in model.trainable_variables]
     non_trainable_values = [v.value for v in model.non_trainable_variables]
-    batch_size = _batch_size_of(x)
+    batch_size = batch_size_of(x)
     dtype = trainable[0].dtype
     scale = tf.cast(loss_scale, dtype)
     # With weights, the 1/B of the weighted mean goes into the backward pass: each row then has the size of
@@ -119,13 +118,9 @@ def _over_chunks(run, batch_size, chunk_size, weights, trainable):
     """`G`, or `sum_i weights_i G_i`, computed `chunk_size` rows at a time."""
     if weights is not None:
         weights = tf.convert_to_tensor(weights)
-
-    def contract(grads, row_weights):
-        return [tf.tensordot(tf.cast(row_weights, g.dtype), g, axes=1) for g in grads]
-
     if chunk_size is None:
         grads = run(tf.range(batch_size))
-        return grads if weights is None else contract(grads, weights)
+        return grads if weights is None else weighted_sum(weights, grads)
     chunks = (batch_size + chunk_size - 1) // chunk_size
     rows = tf.reshape(tf.range(chunks * chunk_size), [chunks, chunk_size])
     if weights is None:
@@ -138,5 +133,5 @@ def _over_chunks(run, batch_size, chunk_size, weights, trainable):
     padded = tf.concat([weights, tf.zeros([chunks * chunk_size - batch_size], weights.dtype)], 0)
     padded = tf.reshape(padded, [chunks, chunk_size])
     signature = [tf.TensorSpec(v.shape, v.dtype) for v in trainable]
-    stacked = tf.map_fn(lambda a: contract(run(a[0]), a[1]), (rows, padded), fn_output_signature=signature)
+    stacked = tf.map_fn(lambda a: weighted_sum(a[1], run(a[0])), (rows, padded), fn_output_signature=signature)
     return [tf.reduce_sum(g, 0) for g in stacked]

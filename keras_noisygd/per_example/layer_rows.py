@@ -1,6 +1,6 @@
-"""Per-example gradients from one batched pass: the rows of `G` and `K = G G^T` without the general engine.
+"""The layer path: per-example gradients from one batched pass, for the rows of `G` and for `K = G G^T`.
 
-Where every trainable layer has a rule in `_layer_rules` (Dense, Conv1D,
+Where every trainable layer has a rule in `rules.RULES` (Dense, Conv1D,
 Conv2D, Embedding, LayerNormalization), example `i`'s gradient follows from
 the layer's input `a_i` and the loss's gradient `d_i` at its (pre-activation)
 output. For a Dense layer `z = a W + b`, `W_i = a_i d_i^T` and `b_i = d_i`, so
@@ -19,8 +19,8 @@ covered layer's, each layer's configuration and input shape, one output, no
 mixed precision, no state: BatchNormalization, GhostBatchNormalization,
 Dropout and other random layers make it `None`) and builds a capture model
 with the same layers that also returns each layer's input and output.
-`gram(...)` and `rows(...)` return `None` (the caller forms `G`) only where a
-traced step lost a convolution's spatial sizes. Next to `K` (or the rows)
+`capture(...)` and `rows(...)` here and `gram.gram(...)` return `None` (the
+caller forms `G`) only where a traced step lost a convolution's spatial sizes. Next to `K` (or the rows)
 they return the largest relative difference between one batch gradient per
 layer rebuilt from the captured values (a bias or beta where there is one)
 and the backward pass's own: a layer applied twice, or one whose call the
@@ -37,8 +37,12 @@ import weakref
 import keras
 from keras import ops
 
-from keras_noisygd import _layer_rules, per_example
-from keras_noisygd.gradients import _batch_size_of
+from keras_noisygd import _backend
+from keras_noisygd._batch import batch_size_of
+from keras_noisygd.per_example import rules as rules_lib
+from keras_noisygd.per_example.losses import loss_function
+from keras_noisygd.per_example.result import weighted_sum
+from keras_noisygd.per_example.rules.base import Gradients, f64
 
 Plan = collections.namedtuple("Plan", ["capture", "layers", "rules"])
 
@@ -49,27 +53,32 @@ TOLERANCE = 1e-4
 _PLANS = weakref.WeakKeyDictionary()  # model -> (its trainable variables, its plan)
 
 
-def cached_plan(model):
-    """`plan(model)`, built once per model and set of trainable variables."""
-    key = tuple(id(v) for v in model.trainable_variables)
+def cached_plan(model, rules=None):
+    """`plan(model, rules)`, built once per model, set of trainable variables and table of rules."""
+    rules = rules_lib.RULES if rules is None else rules
+    key = (tuple(id(v) for v in model.trainable_variables), id(rules))
     cached = _PLANS.get(model)
     if cached is None or cached[0] != key:
-        cached = _PLANS[model] = (key, plan(model))
+        cached = _PLANS[model] = (key, plan(model, rules))
     return cached[1]
 
 
-def plan(model):
+def plan(model, rules=None):
     """A `Plan` for the layer path of `model`, or `None` where it does not apply (the caller forms `G`).
 
-    `None` on JAX (no gradient at an intermediate output), for a model with any non-trainable variable (BatchNormalization's and
+    `rules` is the table of layer rules, `{layer class: rule class}`
+    (`rules.RULES` by default). `None` where the backend has no gradient at
+    an intermediate output (`_backend.LAYER_ROWS`: JAX), for a model with any
+    non-trainable variable (BatchNormalization's and
     GhostBatchNormalization's statistics couple the examples in training;
     Dropout, GaussianNoise and random layers keep a seed and need the batch
-    step's own masks), a trainable layer without a rule (`_layer_rules`), a
-    trainable variable outside the rules' layers, more than one output, or a
-    model that is not a graph of layers.
+    step's own masks), a trainable layer without a rule, a trainable variable
+    outside the rules' layers, more than one output, or a model that is not a
+    graph of layers.
     """
-    if keras.backend.backend() == "jax":  # JAX has no gradient at an intermediate output of one pass
+    if not _backend.LAYER_ROWS:
         return None
+    rules = rules_lib.RULES if rules is None else rules
     layers = [layer for layer in model.layers if layer.trainable_weights]
     if not layers or model.non_trainable_variables:
         return None
@@ -81,10 +90,10 @@ def plan(model):
         capture_model = keras.Model(model.inputs, [model.outputs[0], *captured])
     except (AttributeError, ValueError, TypeError):  # not a graph of layers (a subclassed model), or disconnected
         return None
-    rules = [_layer_rules.rule_for(layer, tuple(a.shape)) for layer, (a, _) in zip(layers, captured)]
-    if None in rules:
+    layer_rules = [rules_lib.rule_for(layer, tuple(a.shape), rules) for layer, (a, _) in zip(layers, captured)]
+    if None in layer_rules:
         return None
-    return Plan(capture_model, layers, rules)
+    return Plan(capture_model, layers, layer_rules)
 
 
 Captured = collections.namedtuple(
@@ -102,14 +111,13 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     `regularization_scale` (one per trainable variable, or `None` without
     regularization) and the trainable values.
     """
-    loss_fn = per_example._loss_function(model, loss)
+    loss_fn = loss_function(model, loss)
     capture_model = plan_.capture
-    values = {id(v): v.value for v in capture_model.trainable_variables}
-    if keras.backend.backend() == "torch":  # leaves of their own: the pass's graph stays out of the caller's
-        values = {key: value.detach().requires_grad_(True) for key, value in values.items()}
+    # Leaves of their own (PyTorch): the pass's graph stays out of the caller's.
+    values = {id(v): _backend.leaf(v.value) for v in capture_model.trainable_variables}
     trainable = [values[id(v)] for v in model.trainable_variables]
     non_trainable = [v.value for v in capture_model.non_trainable_variables]
-    batch_size = _batch_size_of(x)
+    batch_size = batch_size_of(x)
     # The check compares one variable's batch gradient per layer (a bias where there is one: cheap) with the
     # one rebuilt from the captured values.
     checked = [values[id(rule.checked(layer))] for layer, rule in zip(plan_.layers, plan_.rules)]
@@ -126,19 +134,22 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
         regularization = (
             sum(ops.cast(r, dtype) for r in reg_losses) * ops.cast(regularization_scale, dtype) if reg_losses else None
         )
-        found.update(y_pred=y_pred, captured=captured, losses=losses, regularization=regularization)
         # Keras's softmax and sigmoid keep their input on the output, and its crossentropies read the loss from
         # those logits (the pre-activation z): the loss then reaches z directly, not through the output.
-        found["logits"] = [getattr(out, "_keras_logits", out) for _, out in captured]
-        return ops.sum(losses)
+        logits = [getattr(out, "_keras_logits", out) for _, out in captured]
+        found.update(y_pred=y_pred, captured=captured, losses=losses, logits=logits)
+        return ops.sum(losses), regularization, [out for _, out in captured] + logits + checked
 
-    out_grads, logit_grads, checked_grads, reg_grads = _backend_gradients(forward, found, trainable, checked)
+    grads, reg_grads = _backend.gradients_at(forward, trainable)
+    n = len(plan_.layers)
+    out_grads, logit_grads, checked_grads = grads[:n], grads[n : 2 * n], grads[2 * n :]
+    _detach(found)
     layers = []
     mismatch = ops.convert_to_tensor(0.0, "float64")
     for layer, rule, (a, out), out_grad, logit, logit_grad, checked_grad in zip(
         plan_.layers, plan_.rules, found["captured"], out_grads, found["logits"], logit_grads, checked_grads
     ):
-        grads_there = _layer_rules.Gradients(out_grad, logit, logit_grad)
+        grads_there = Gradients(out_grad, logit, logit_grad)
         values_there = rule.capture(layer, a, out, grads_there, values)
         if values_there is None:
             return None
@@ -147,82 +158,26 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     return Captured(found["y_pred"], found["losses"], layers, mismatch, reg_grads, trainable)
 
 
-def _backend_gradients(forward, found, trainable, checked):
-    """Runs `forward()` and returns the gradients of its value at the captured outputs, their logits and the
-    `checked` values, and of the regularization at `trainable` (or `None`): a tape on TensorFlow, autograd
-    on PyTorch. The captured values come back detached on PyTorch."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(trainable)
-            total = forward()
-        outs = [out for _, out in found["captured"]]
-        n = len(outs)
-        zero = tf.UnconnectedGradients.ZERO
-        grads = tape.gradient(total, outs + found["logits"] + checked, unconnected_gradients=zero)
-        reg_grads = None
-        if found["regularization"] is not None:
-            reg_grads = tape.gradient(found["regularization"], trainable, unconnected_gradients=zero)
-        return grads[:n], grads[n : 2 * n], grads[2 * n :], reg_grads
-    import torch
-
-    with torch.enable_grad():
-        total = forward()
-        outs = [out for _, out in found["captured"]]
-        n = len(outs)
-        regularization = found["regularization"]
-        grads = torch.autograd.grad(
-            total, outs + found["logits"] + checked, retain_graph=regularization is not None,
-            allow_unused=True, materialize_grads=True,
-        )
-        reg_grads = None
-        if regularization is not None:
-            reg_grads = list(torch.autograd.grad(regularization, trainable, allow_unused=True, materialize_grads=True))
+def _detach(found):
+    """The captured values out of the pass's graph (PyTorch), one detached tensor per tensor: the rules tell
+    logits from outputs by identity."""
     detached = {}
 
-    def detach(t):  # one detached tensor per tensor: the rules tell logits from outputs by identity
-        return detached.setdefault(id(t), t.detach())
+    def detach(t):
+        return detached.setdefault(id(t), ops.stop_gradient(t))
 
     found["captured"] = [tuple(keras.tree.map_structure(detach, pair)) for pair in found["captured"]]
     found["logits"] = [detach(t) for t in found["logits"]]
     found["y_pred"] = keras.tree.map_structure(detach, found["y_pred"])
     found["losses"] = detach(found["losses"])
-    return list(grads[:n]), list(grads[n : 2 * n]), list(grads[2 * n :]), reg_grads
 
 
 def _relative_error(rebuilt, true):
-    true = _f64(ops.convert_to_tensor(true))  # an Embedding's gradient is IndexedSlices on TensorFlow
-    rebuilt = _f64(rebuilt)
+    true = f64(ops.convert_to_tensor(true))  # an Embedding's gradient is IndexedSlices on TensorFlow
+    rebuilt = f64(rebuilt)
     return ops.norm(ops.reshape(rebuilt - ops.reshape(true, ops.shape(rebuilt)), [-1])) / (
         ops.norm(ops.reshape(true, [-1])) + 1e-30
     )
-
-
-def _f64(t):
-    return ops.cast(t, "float64")
-
-
-def gram(plan_, model, x, y, sample_weight=None, loss=None):
-    """`(K, mismatch)` in float64 for the probe batch, or `None` (a convolution's sizes unknown here).
-
-    `K_ij = <G_i, G_j>` for the rows of `per_example_gradients`,
-    `G_i = gamma_i + r` (`gamma_i` the gradient of `s_i l_i`, `r` that of the
-    regularization losses), so `K = Gamma + u 1^T + 1 u^T + |r|^2` with
-    `u_i = <gamma_i, r>`. `mismatch` is the largest relative difference
-    between the rebuilt and the true batch gradients of the checked variables
-    (~1e-7 in float32 when the path applies).
-    """
-    captured = capture(plan_, model, x, y, sample_weight, loss)
-    if captured is None:
-        return None
-    k = sum(_f64(rule.gram()) for rule in captured.layers)
-    if captured.regularization_gradients is not None:
-        shared = {id(v): g for v, g in zip(model.trainable_variables, captured.regularization_gradients)}
-        u = sum(_f64(rule.cross(shared)) for rule in captured.layers)
-        r_sq = sum(ops.sum(_f64(g) ** 2) for g in shared.values())
-        k = k + ops.expand_dims(u, 1) + ops.expand_dims(u, 0) + r_sq
-    return k, captured.mismatch
 
 
 def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
@@ -238,7 +193,7 @@ def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regu
 
 
 def per_example_rows(plan_, model, x, y, sample_weight, loss, weights, loss_scale):
-    """`(gradients, Captured)` for `per_example._compute`, or `None` (a convolution's sizes unknown).
+    """`(gradients, Captured)` for `per_example.compute`, or `None` (a convolution's sizes unknown).
 
     `gradients` are the rows of `G` (each loss times `loss_scale`), or with
     `weights` their weighted mean `(1/B) sum_i weights_i G_i` (the `1/B` in
@@ -247,11 +202,11 @@ def per_example_rows(plan_, model, x, y, sample_weight, loss, weights, loss_scal
     """
     dtype = model.trainable_variables[0].dtype
     scale = ops.cast(loss_scale, dtype)
-    data_scale = scale if weights is None else scale / ops.cast(_batch_size_of(x), dtype)
+    data_scale = scale if weights is None else scale / ops.cast(batch_size_of(x), dtype)
     fast = rows(plan_, model, x, y, sample_weight, loss, data_scale, scale)
     if fast is None:
         return None
     data_rows, captured = fast
     if weights is not None:
-        data_rows = [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in data_rows]
+        data_rows = weighted_sum(weights, data_rows)
     return data_rows, captured

@@ -1,4 +1,4 @@
-"""Keras optimizers that carry the sampling noise: `NoiseMixin`, `NoisyGD`, `NoisyAdam`, `NoisyAdamW`.
+"""`NoiseMixin`: the noise draw any Keras optimizer can carry, one draw per update.
 
 The optimizer owns the noise configuration and the noise random state; the
 train step (`keras_noisygd.NoisyModel`) asks it for each step's loss weights
@@ -14,39 +14,10 @@ import random
 import keras
 from keras import ops
 
+from keras_noisygd import _backend
 from keras_noisygd import noise as noise_lib
-from keras_noisygd._checks import at_most, check_int, guarded, is_static
-
-if keras.backend.backend() == "tensorflow":
-    from keras_noisygd import _tf_bookkeeping as _bookkeeping
-else:
-    from keras_noisygd import _bookkeeping
-
-__all__ = ["NoiseMixin", "NoisyGD", "NoisyAdam", "NoisyAdamW", "find_noisy_optimizer"]
-
-_register = keras.saving.register_keras_serializable(package="keras_noisygd")
-
-# The noise state's integers: JAX has no 64-bit integers unless `jax_enable_x64` is set.
-_STATE_DTYPE = "int32" if keras.backend.backend() == "jax" else "int64"
-
-_NO_NOISE_DRAWN = (
-    "{name} received gradients for a step that drew no noise weights, so it would "
-    "silently train without noise. A stock `keras.Model`'s train_step does not inject "
-    "the sampling noise: build the model with `keras_noisygd.NoisyModel` / "
-    "`keras_noisygd.NoisySequential`, or wrap it with `model = keras_noisygd.noisy(model)` "
-    "before `compile`. In a custom training loop, call `weights = optimizer.noise_weights("
-    "batch_size)` and `keras_noisygd.noisy_gradients(model, x, y, weights)` before "
-    "`apply_gradients`. Received: gradients for {count} variables, with no noise weights drawn for their step."
-)
-
-_NO_DISTRIBUTED_ACCUMULATION = (
-    "Argument `gradient_accumulation_steps` cannot be combined with a tf.distribute strategy of several "
-    "replicas: Keras applies accumulated gradients inside a `tf.cond`, which cannot hold the strategy's "
-    "cross-replica reduction (`merge_call`), so even a stock `keras.optimizers.SGD` fails there "
-    "(keras-team/keras#20582). Use a per-replica batch that fits and no accumulation under the strategy, "
-    "or accumulate on one device. Received: gradient_accumulation_steps={k} under "
-    "`tf.distribute` with several replicas"
-)
+from keras_noisygd._checks import at_most, check_batch_size, check_int, guarded, is_static
+from keras_noisygd.optimizers import validation
 
 
 class NoiseMixin:
@@ -112,23 +83,23 @@ class NoiseMixin:
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.emulate_batch_size = _validated_emulate_batch_size(emulate_batch_size)
-        self.noise = _validated_noise(noise, self.emulate_batch_size)
-        self.engine, self.chunk_size = _validated_engine(engine, chunk_size)
+        self.emulate_batch_size = validation.emulate_batch_size(emulate_batch_size)
+        self.noise = validation.noise(noise, self.emulate_batch_size)
+        self.engine, self.chunk_size = validation.engine(engine, chunk_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
         # A NumPy int too, stored as a Python int for the JSON config.
         self.seed = check_int("seed", seed, 0, maximum=2**31 - 1, allow_none=True)
         self._noise_state = self.add_variable(
-            shape=(2,), dtype=_STATE_DTYPE, name="noise_state", aggregation="only_first_replica"
+            shape=(2,), dtype=_backend.COUNTER_DTYPE, name="noise_state", aggregation="only_first_replica"
         )
-        self._noise_state.assign(ops.convert_to_tensor([self.seed, 0], _STATE_DTYPE))
+        self._noise_state.assign(ops.convert_to_tensor([self.seed, 0], _backend.COUNTER_DTYPE))
         if self.gradient_accumulation_steps:
             # The (global) size of the current update's first micro-batch: the others must match it.
             self._micro_batch_size = self.add_variable(
-                shape=(), dtype=_STATE_DTYPE, name="noise_micro_batch_size", aggregation="only_first_replica"
+                shape=(), dtype=_backend.COUNTER_DTYPE, name="noise_micro_batch_size", aggregation="only_first_replica"
             )
-        self._drawn = _bookkeeping.DrawnGraphs()
+        self._drawn = _backend.DrawRecord()
         self._full_update_seen = False  # whether an update of at least `emulate_batch_size` examples was drawn
 
     @property
@@ -175,18 +146,18 @@ class NoiseMixin:
         Returns:
             A `[batch_size]` tensor.
         """
-        batch_size = _bookkeeping.checked_batch_size(batch_size)
+        batch_size = check_batch_size(batch_size)
         self._drawn.mark(self._noise_state.value)
-        step_size, offset = _bookkeeping.global_batch(batch_size, type(self).__name__)
+        step_size, offset = _backend.global_batch(batch_size, type(self).__name__)
         update, micro_step = self._update_position()
         update_size, conditions = step_size, []
         if self.gradient_accumulation_steps:
             if offset is not None:
-                raise ValueError(_NO_DISTRIBUTED_ACCUMULATION.format(k=self.gradient_accumulation_steps))
+                raise ValueError(validation.NO_DISTRIBUTED_ACCUMULATION.format(k=self.gradient_accumulation_steps))
             update_size = self.gradient_accumulation_steps * step_size
             conditions = self._check_micro_batch(step_size, micro_step)
-            offset = micro_step * ops.cast(step_size, _STATE_DTYPE)
-        weights, schedule_conditions = self._sample(update, update_size, dtype)
+            offset = micro_step * ops.cast(step_size, _backend.COUNTER_DTYPE)
+        weights, schedule_conditions = self._draw_update(update, update_size, dtype)
         weights = guarded(weights, conditions + schedule_conditions)
         if offset is None:
             return weights
@@ -211,7 +182,7 @@ class NoiseMixin:
 
     def _check_micro_batch(self, step_size, micro_step):
         """Records the first micro-batch's size; the run-time condition that this one has the same size."""
-        size = ops.cast(step_size, _STATE_DTYPE)
+        size = ops.cast(step_size, _backend.COUNTER_DTYPE)
         expected = ops.where(ops.equal(micro_step, 0), size, self._micro_batch_size.value)
         self._micro_batch_size.assign(expected)
         k = self.gradient_accumulation_steps
@@ -233,9 +204,9 @@ class NoiseMixin:
                    value, "at update", update]
         return value, [(ops.greater_equal(value, 1), message)]
 
-    def _sample(self, update, size, dtype):
-        """`(weights, run-time conditions)` of one update of `size` examples."""
-        seed = ops.stack([self._noise_state.value[0], ops.cast(update, _STATE_DTYPE)])
+    def _draw_update(self, update, size, dtype):
+        """`(weights, run-time conditions)`: the draw of update `update`, of `size` examples in all."""
+        seed = ops.stack([self._noise_state.value[0], ops.cast(update, _backend.COUNTER_DTYPE)])
         b, conditions = self._emulated_batch_size(update)
         if b is None:
             return self.noise.sample(seed, size, dtype), conditions
@@ -263,10 +234,10 @@ class NoiseMixin:
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
-        if not _bookkeeping.drawn_in_enclosing_graph(self._drawn.pop(), self._noise_state.value):
-            raise ValueError(_NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
+        if not self._drawn.drawn_in_step(self._noise_state.value):
+            raise ValueError(validation.NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
         super().apply(grads, trainable_variables)
-        self._noise_state.assign_add(ops.convert_to_tensor([0, 1], _STATE_DTYPE))
+        self._noise_state.assign_add(ops.convert_to_tensor([0, 1], _backend.COUNTER_DTYPE))
 
     def get_config(self):
         config = super().get_config()
@@ -283,189 +254,9 @@ class NoiseMixin:
         return config
 
 
-def _validated_emulate_batch_size(b):
-    """`None`, an int >= 1 (NumPy ints too) or a `LearningRateSchedule` (also from its config)."""
-    if isinstance(b, dict):
-        b = keras.optimizers.schedules.deserialize(b)
-    if b is None or isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
-        return b
-    try:
-        return check_int("emulate_batch_size", b, 1)
-    except ValueError:
-        raise ValueError(
-            "Argument `emulate_batch_size` must be None, an integer >= 1 or a "
-            "`keras.optimizers.schedules.LearningRateSchedule` of the update step. "
-            f"Received: emulate_batch_size={b!r}"
-        ) from None
-
-
-def _validated_noise(noise, emulate_batch_size):
-    sampler = noise_lib.get(noise)
-    b = emulate_batch_size
-    template = getattr(sampler, "is_template", False)
-    if b is None and template:
-        raise ValueError(
-            f"Argument `noise={noise!r}` names a noise class without its size: pass "
-            "`emulate_batch_size=b` to calibrate it to SGD with batch b, or a configured "
-            "sampler such as `keras_noisygd.noise.Gaussian(std=1.0)`. Received: emulate_batch_size=None"
-        )
-    if b is not None and not template:
-        raise ValueError(
-            f"Argument `emulate_batch_size` calibrates a noise template, but `noise` is already "
-            f"configured: {sampler!r}. Pass one or the other. Received: emulate_batch_size={b}"
-        )
-    if isinstance(b, int):
-        sampler.calibrated(b, b)  # raises now, not at the first step, if b cannot be emulated
-    elif b is not None and getattr(sampler, "replacement", False):
-        # Its b draws would be a tensor-sized array: no static shape for XLA.
-        raise ValueError(
-            "Argument `emulate_batch_size` can be a schedule for every noise class but SGD sampling with "
-            f"replacement, which needs a fixed b. Received: noise={sampler!r}, emulate_batch_size={b!r}"
-        )
-    return sampler
-
-
-ENGINES = ("weighted", "per_example")
-
-
-def _validated_engine(engine, chunk_size):
-    if engine not in ENGINES:
-        raise ValueError(f"Argument `engine` must be one of {list(ENGINES)}. Received: engine={engine!r}")
-    chunk_size = check_int("chunk_size", chunk_size, 1, allow_none=True)
-    if chunk_size is not None:
-        if engine != "per_example":
-            raise ValueError(
-                "Argument `chunk_size` only applies to engine='per_example' (the weighted engine never forms "
-                f"the per-example gradients). Received: chunk_size={chunk_size}, engine={engine!r}"
-            )
-    return engine, chunk_size
-
-
 def find_noisy_optimizer(optimizer):
     """The noise-carrying optimizer in `optimizer` (itself, or inside a `LossScaleOptimizer`), or `None`."""
     for candidate in (optimizer, getattr(optimizer, "inner_optimizer", None)):
         if isinstance(candidate, NoiseMixin):
             return candidate
     return None
-
-
-@_register
-class NoisyGD(NoiseMixin, keras.optimizers.SGD):
-    """Multiplicative-noise gradient descent (the paper's MSGD), on `keras.optimizers.SGD`.
-
-    Each step draws per-example loss weights `m` with `E[m_i] = 1` from the
-    noise class and descends the re-weighted loss, i.e. the gradient matrix
-    times the sampling noise `W = m / B`:
-
-    ```
-    m ~ noise calibrated to SGD(b) out of B          # fresh each step
-    g = grad( (1/B) sum_i m_i l_i(theta) + reg(theta) )   # = G W + grad reg
-    velocity = momentum * velocity - learning_rate * g
-    theta = theta + velocity                          # (Nesterov as in SGD)
-    ```
-
-    With `noise="none"` (or SGD sampling with `b = B`) it is
-    `keras.optimizers.SGD`, step for step.
-
-    Conventions: the noise is a per-example *loss weight* with mean 1, not an
-    additive or per-coordinate perturbation; the learning rate multiplies the
-    noisy gradient; `emulate_batch_size=b` calibrates to the batch `B` the step
-    actually sees. Train with `keras_noisygd.NoisyModel` (or `noisy(model)`);
-    a stock `keras.Model` raises at the start of `fit` rather than train without noise.
-
-    Args:
-        learning_rate: A float, a schedule or a callable. Defaults to `0.01`.
-        noise: A name from `keras_noisygd.noise.NAMES`, a sampler or a sampler
-            config. Defaults to `"gaussian_centered"`.
-        emulate_batch_size: The SGD batch size `b` that a name or template noise is
-            calibrated to, against each step's batch size `B`. Defaults to `None`.
-        momentum: Momentum, as in `keras.optimizers.SGD`. Defaults to `0.0`.
-        nesterov: Nesterov momentum. Defaults to `False`.
-        seed: Int seed of the noise stream; `None` draws one. Defaults to `None`.
-        engine: `"weighted"` (one backward pass of the re-weighted loss) or
-            `"per_example"` (forms the per-example gradients `G`, then `G W`);
-            see `NoiseMixin`. Defaults to `"weighted"`.
-        chunk_size: Rows of `G` formed at a time by the per-example engine.
-            Defaults to `None` (all).
-        **kwargs: Other `keras.optimizers.Optimizer` arguments (`weight_decay`,
-            `clipnorm`, `use_ema`, `gradient_accumulation_steps`, `name`, ...).
-
-    Example:
-
-    ```python
-    model = keras_noisygd.NoisyModel(inputs, outputs)
-    model.compile(
-        optimizer=keras_noisygd.NoisyGD(0.1, noise="bernoulli", emulate_batch_size=32),
-        loss="sparse_categorical_crossentropy",
-    )
-    model.fit(x, y, batch_size=len(x), epochs=1000)   # full-batch noisy GD ~ SGD(32)
-    ```
-
-    References:
-        Wu et al., "On the Noisy Gradient Descent that Generalizes as SGD",
-        ICML 2020, https://arxiv.org/abs/1906.07405
-    """
-
-    def __init__(
-        self,
-        learning_rate=0.01,
-        noise="gaussian_centered",
-        emulate_batch_size=None,
-        momentum=0.0,
-        nesterov=False,
-        seed=None,
-        engine="weighted",
-        chunk_size=None,
-        **kwargs,
-    ):
-        super().__init__(
-            learning_rate=learning_rate,
-            momentum=momentum,
-            nesterov=nesterov,
-            noise=noise,
-            emulate_batch_size=emulate_batch_size,
-            seed=seed,
-            engine=engine,
-            chunk_size=chunk_size,
-            **kwargs,
-        )
-
-
-@_register
-class NoisyAdam(NoiseMixin, keras.optimizers.Adam):
-    """`keras.optimizers.Adam` on the multiplicative-noise gradient.
-
-    Same noise contract as `NoisyGD` (`noise`, `emulate_batch_size`, `seed`,
-    `engine`, `chunk_size`);
-    every other argument is Adam's. Adam's moments see the noisy gradient `G W`.
-
-    Args:
-        learning_rate: Defaults to `0.001`.
-        noise: Defaults to `"gaussian_centered"`.
-        emulate_batch_size: Defaults to `None`.
-        seed: Defaults to `None`.
-        **kwargs: Other `keras.optimizers.Adam` arguments.
-    """
-
-    def __init__(self, learning_rate=0.001, noise="gaussian_centered", emulate_batch_size=None, seed=None, **kwargs):
-        super().__init__(
-            learning_rate=learning_rate, noise=noise, emulate_batch_size=emulate_batch_size, seed=seed, **kwargs
-        )
-
-
-@_register
-class NoisyAdamW(NoiseMixin, keras.optimizers.AdamW):
-    """`keras.optimizers.AdamW` on the multiplicative-noise gradient (decoupled decay is not noised).
-
-    Args:
-        learning_rate: Defaults to `0.001`.
-        noise: Defaults to `"gaussian_centered"`.
-        emulate_batch_size: Defaults to `None`.
-        seed: Defaults to `None`.
-        **kwargs: Other `keras.optimizers.AdamW` arguments.
-    """
-
-    def __init__(self, learning_rate=0.001, noise="gaussian_centered", emulate_batch_size=None, seed=None, **kwargs):
-        super().__init__(
-            learning_rate=learning_rate, noise=noise, emulate_batch_size=emulate_batch_size, seed=seed, **kwargs
-        )

@@ -17,7 +17,11 @@ operators (`+`, `^`, `|`, shifts) rather than `keras.ops`: in eager PyTorch a
 
 Key: the sampler's stateless seed `[seed, update]`. Counter: `(i, stream)`
 for example `i`, so each use (`stream`) of a step's key has its own
-independent numbers.
+independent numbers. The word arithmetic that differs by backend (masking,
+shifts, sortable keys) is `keras_noisygd._backend`'s.
+
+Also here: `as_seed`, the one rule for what a seed is, and `uniform`, the
+generator's uniforms for user samplers (`keras_noisygd.noise.uniform`).
 """
 
 from __future__ import annotations
@@ -25,50 +29,22 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
-MASK = 0xFFFFFFFF
+from keras_noisygd import _backend
+from keras_noisygd._checks import check_int, is_static
+
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = 0x1BD11BDA
 
 
-_BACKEND = keras.backend.backend()
-
-
-def word_dtype():
-    """`"int64"` on PyTorch, `"uint32"` elsewhere."""
-    return "int64" if _BACKEND == "torch" else "uint32"
-
-
-def _wrap(x):
-    """`x mod 2**32`: a mask on PyTorch's `int64` words, nothing on `uint32`."""
-    return x & MASK if _BACKEND == "torch" else x
-
-
-if _BACKEND == "tensorflow":
-    import tensorflow as tf
-
-    def _shift_left(x, r):
-        return tf.bitwise.left_shift(x, tf.constant(r, x.dtype))
-
-    def _shift_right(x, r):
-        return tf.bitwise.right_shift(x, tf.constant(r, x.dtype))
-
-else:  # JAX arrays and PyTorch tensors have the shift operators
-
-    def _shift_left(x, r):
-        return x << r
-
-    def _shift_right(x, r):
-        return x >> r
-
-
 def _add(x, y):
-    return _wrap(x + y)
+    return _backend.wrap(x + y)
 
 
 def _rotate_left(x, r):
-    return _wrap(_shift_left(x, r)) | _shift_right(x, 32 - r)
+    return _backend.wrap(_backend.shift_left(x, r)) | _backend.shift_right(x, 32 - r)
 
 
 def threefry2x32(key, x0, x1):
@@ -97,7 +73,7 @@ def threefry2x32(key, x0, x1):
 def key_of(seed):
     """The key words of a stateless seed `[seed, update]` (integers in `[0, 2**32)`)."""
     seed = ops.convert_to_tensor(seed)
-    words = _wrap(ops.cast(seed, word_dtype()))
+    words = _backend.wrap(ops.cast(seed, _backend.WORD_DTYPE))
     return words[0], words[1]
 
 
@@ -106,15 +82,15 @@ def words(seed, n, stream):
 
     `n` may be a scalar integer tensor on TensorFlow (a batch size known at run time).
     """
-    dtype = word_dtype()
+    dtype = _backend.WORD_DTYPE
     index = ops.arange(n, dtype="int32")  # JAX has no int64; batch sizes stay far below 2**31
     index = ops.cast(index, dtype)
     return threefry2x32(key_of(seed), index, ops.full(ops.shape(index), stream, dtype))
 
 
-def uniform(w, dtype="float32"):
+def to_uniform(w, dtype="float32"):
     """Uniforms in `[0, 1)` from the top 24 bits of each word: exact in any float dtype, on every backend."""
-    return ops.cast(_shift_right(w, 8), dtype) * (2.0**-24)
+    return ops.cast(_backend.shift_right(w, 8), dtype) * (2.0**-24)
 
 
 def normal(w0, w1, dtype="float32"):
@@ -123,8 +99,8 @@ def normal(w0, w1, dtype="float32"):
     The uniforms are exact; `log1p` and `cos` differ between backends and XLA by
     a few ulps of `dtype`.
     """
-    radius = ops.sqrt(-2.0 * ops.log1p(-uniform(w0, dtype)))  # 1 - u >= 2**-24: finite
-    return radius * ops.cos((2.0 * math.pi) * uniform(w1, dtype))
+    radius = ops.sqrt(-2.0 * ops.log1p(-to_uniform(w0, dtype)))  # 1 - u >= 2**-24: finite
+    return radius * ops.cos((2.0 * math.pi) * to_uniform(w1, dtype))
 
 
 def below(w, n):
@@ -135,11 +111,12 @@ def below(w, n):
     """
     n = ops.cast(n, w.dtype)
     low = ops.cast(0xFFFF, w.dtype)
-    a, b = _shift_right(w, 16), w & low
-    c, d = _shift_right(n, 16), n & low
+    right = _backend.shift_right
+    a, b = right(w, 16), w & low
+    c, d = right(n, 16), n & low
     ad, bc = a * d, b * c  # each < 2**32
-    middle = _shift_right(b * d, 16) + (ad & low) + (bc & low)  # < 3 * 2**16
-    return a * c + _shift_right(ad, 16) + _shift_right(bc, 16) + _shift_right(middle, 16)
+    middle = right(b * d, 16) + (ad & low) + (bc & low)  # < 3 * 2**16
+    return a * c + right(ad, 16) + right(bc, 16) + right(middle, 16)
 
 
 def smallest(keys, k):
@@ -150,8 +127,7 @@ def smallest(keys, k):
     lower index; exactly `k` entries are set in any case. One sort, no argsort
     (whose stability differs between backends); `k` may be a tensor.
     """
-    if _BACKEND == "tensorflow":
-        keys = ops.cast(keys, "int64")  # TensorFlow sorts no uint32
+    keys = _backend.sort_keys(keys)
     n = ops.shape(keys)[0]
     k = ops.clip(ops.cast(k, "int32"), 1, n)  # k > n reaches the sampler's own run-time check instead
     threshold = ops.take(ops.sort(keys), k - 1)
@@ -160,3 +136,45 @@ def smallest(keys, k):
     room = k - ops.sum(ops.cast(below_threshold, "int32"))
     first_ties = ops.less_equal(ops.cumsum(ops.cast(at_threshold, "int32")), room)
     return ops.logical_or(below_threshold, ops.logical_and(at_threshold, first_ties))
+
+
+def as_seed(seed):
+    """A stateless seed: an int becomes ``[seed, 0]``; a shape-[2] integer tensor is kept."""
+    if is_static(seed):
+        if isinstance(seed, (bool, np.bool_)) or not float(seed).is_integer() or not 0 <= seed < 2**32:
+            raise ValueError(
+                "Argument `seed` must be a Python int in [0, 2**32) or an integer tensor of shape [2]. "
+                f"Received: seed={seed!r}"
+            )
+        return ops.convert_to_tensor(np.array([int(seed), 0], _backend.SEED_DTYPE))
+    seed = ops.convert_to_tensor(seed)
+    if len(seed.shape) != 1 or seed.shape[0] != 2 or "int" not in keras.backend.standardize_dtype(seed.dtype):
+        raise ValueError(
+            "Argument `seed` must be a Python int or an integer tensor of shape [2]. "
+            f"Received: seed with dtype {keras.backend.standardize_dtype(seed.dtype)} and shape {tuple(seed.shape)}"
+        )
+    return seed
+
+
+def uniform(seed, num_examples, dtype="float32", stream=0):
+    """`[num_examples]` uniforms in `[0, 1)` from the samplers' generator, for your own noise classes.
+
+    The same seed gives the same numbers on TensorFlow, JAX and PyTorch, with
+    or without XLA (24-bit uniforms from Threefry-2x32; `keras.random` draws
+    other numbers on each backend and refuses tensor seeds on some).
+
+    Args:
+        seed: A Python int or an integer tensor of shape `[2]`, as `Sampler.sample` receives it.
+        num_examples: The number of uniforms (a Python int, or a scalar tensor in a traced
+            TensorFlow step).
+        dtype: Floating dtype. Defaults to `"float32"`.
+        stream: An int in `[0, 2**32)` that selects an independent stream of the same seed
+            (the built-in samplers use 0 and 1). Defaults to `0`.
+
+    Returns:
+        A `[num_examples]` tensor.
+    """
+    num_examples = check_int("num_examples", num_examples, 1)
+    stream = check_int("stream", stream, 0, maximum=2**32 - 1)
+    w, _ = words(as_seed(seed), num_examples, stream)
+    return to_uniform(w, keras.backend.standardize_dtype(dtype))

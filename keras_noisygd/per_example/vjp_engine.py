@@ -1,7 +1,7 @@
-"""The per-example engine on JAX (`jax.vmap`, `jax.vjp`) and PyTorch (`torch.func`).
+"""The per-example engine on JAX (`jax.vmap`, `jax.vjp`) and PyTorch (`torch.func`), after the layer rows.
 
-`compute` is `per_example._compute` on these backends; TensorFlow's is
-`_tf_per_example`. Both methods start from one batched training-mode
+`compute` is `per_example.compute` on these backends; TensorFlow's is
+`tape_engine.py`. The transforms are `keras_noisygd._backend`'s. Both methods start from one batched training-mode
 `model.stateless_call` under a vector-Jacobian product, which gives the
 predictions, the new state, the `[B]` losses and the regularization gradient:
 
@@ -25,42 +25,25 @@ from __future__ import annotations
 import re
 import weakref
 
-import keras
 from keras import ops, tree
 
-from keras_noisygd.gradients import _batch_size_of
-
-
-def _transforms():
-    """`(vjp(f, primals) -> (out, vjp_fn, aux), grad, vmap(f, in_axes))` of the backend, as JAX spells them."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        def vjp(f, primals):
-            return jax.vjp(f, primals, has_aux=True)
-
-        return vjp, jax.grad, lambda f, in_axes: jax.vmap(f, in_axes=in_axes)
-    import torch.func
-
-    def vjp(f, primals):
-        return torch.func.vjp(f, primals, has_aux=True)
-
-    return vjp, torch.func.grad, lambda f, in_axes: torch.func.vmap(f, in_dims=in_axes)
+from keras_noisygd import _backend
+from keras_noisygd._batch import batch_size_of
+from keras_noisygd.per_example import layer_rows
+from keras_noisygd.per_example.result import PerExample, choose_method, weighted_sum
 
 
 def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale, values=None):
-    """`per_example._compute` on JAX and PyTorch (see there); `loss` is the user's argument behind `loss_fn`."""
-    from keras_noisygd.per_example import PerExample
-
+    """`per_example.compute` on JAX and PyTorch (see there); `loss` is the user's argument behind `loss_fn`."""
     arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
-    if keras.backend.backend() == "torch" and method == "auto" and chunk_size is None and values is None:
+    if _backend.LAYER_ROWS and method == "auto" and chunk_size is None and values is None:
         rows = _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale)
         if rows is not None:
             return rows
     if values is not None:
         return _compute(*arguments, values)
     values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-    if keras.backend.backend() != "jax" or _traced(values[0][0]):
+    if not _backend.STATELESS or _backend.is_traced(values[0][0]):
         return _compute(*arguments, values)
     # JAX, called from eager code: compiled once per model and arguments, with the values passed in (a compiled
     # function that read the variables would keep the values it was traced with).
@@ -74,8 +57,6 @@ _COMPILED = weakref.WeakKeyDictionary()  # model -> {arguments: (loss, compiled 
 
 def _compiled(model, loss, chunk_size, method, no_weights, no_sample_weight, loss_fn):
     """A `jax.jit` of `_compute` for these arguments, and the dict its trace records the method in."""
-    import jax
-
     cache = _COMPILED.setdefault(model, {})
     key = (chunk_size, method, no_weights, no_sample_weight)
     variables = tuple(id(v) for v in model.variables)
@@ -88,40 +69,29 @@ def _compiled(model, loss, chunk_size, method, no_weights, no_sample_weight, los
             found["method"] = result.method
             return (result.gradients, result.regularization_gradients, result.losses, result.y_pred, result.state)
 
-        entry = cache[key] = (loss, getattr(model, "loss", None), variables, jax.jit(function), found)
+        entry = cache[key] = (loss, getattr(model, "loss", None), variables, _backend.compiled(function), found)
     return entry[3], entry[4]
 
 
 def _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale):
-    """PyTorch: the `PerExample` of the layer rows (`_gram`), or `None` where they do not apply or their check fails."""
-    from keras_noisygd import _gram
-    from keras_noisygd.per_example import PerExample
-
-    plan = _gram.cached_plan(model)
+    """The `PerExample` of the layer rows, or `None` where they do not apply or their check fails (eager code)."""
+    plan = layer_rows.cached_plan(model)
     if plan is None:
         return None
-    fast = _gram.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
-    if fast is None or float(fast[1].mismatch) > _gram.TOLERANCE:  # eager: one host read of the check
+    fast = layer_rows.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
+    if fast is None or float(fast[1].mismatch) > layer_rows.TOLERANCE:  # eager: one host read of the check
         return None  # a layer applied twice, say: the general method
     gradients, captured = fast
     unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
     return PerExample(gradients, captured.regularization_gradients, captured.losses, "layers", captured.y_pred, unchanged)
 
 
-def _traced(value):
-    import jax
-
-    return isinstance(value, jax.core.Tracer)
-
-
 def _compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values):
-    from keras_noisygd.per_example import PerExample, choose_method
-
-    vjp, grad, vmap = _transforms()
+    vjp, grad, vmap = _backend.vjp, _backend.grad, _backend.vmap
     trainable, non_trainable = list(values[0]), list(values[1])
     x, y = tree.map_structure(ops.convert_to_tensor, (x, y))  # vmap takes tensors
     sample_weight = None if sample_weight is None else ops.convert_to_tensor(sample_weight)
-    batch_size = _batch_size_of(x)  # a Python int: static shapes on both backends
+    batch_size = batch_size_of(x)  # a Python int: static shapes on both backends
     dtype = trainable[0].dtype
     scale = ops.cast(loss_scale, dtype)
     # With weights, the 1/B of the weighted mean goes into the backward pass (as on TensorFlow).
@@ -141,7 +111,7 @@ def _compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, l
 
     (losses, regularization), backward, (y_pred, new_state) = vjp(batched, trainable)
     new_state = [new if changed else None for new, changed in zip(new_state, found["changed"])]
-    if method == "auto" and keras.backend.backend() == "torch":
+    if method == "auto" and not _backend.VMAP_FORWARD:
         # `torch.func.vmap` cannot run some of Keras's PyTorch forward passes (Conv2D clones its input to
         # channels_last: "NYI ... inside vmap"); it runs every backward pass, so PyTorch takes the Jacobian.
         method = "jacobian"
@@ -197,7 +167,7 @@ def _over_chunks(run, batch_size, chunk_size, weights):
         if weights is None:
             parts.append(rows)
             continue
-        part = [ops.tensordot(ops.cast(weights[start:stop], g.dtype), g, axes=1) for g in rows]
+        part = weighted_sum(weights[start:stop], rows)
         total = part if total is None else [a + b for a, b in zip(total, part)]
     if weights is not None:
         return total

@@ -1,0 +1,148 @@
+"""The backend interface on JAX: function transforms, traces and the stateless trainer.
+
+See `keras_noisygd._backend` for the interface. JAX's `fit` compiles
+`train_step(state, data)` with every variable's value passed in and out, and
+traces it with static shapes, so batch sizes are Python ints here. A
+multi-device step (`keras.distribution.DataParallel`) sees the global batch
+as one sharded array: one draw over it is already the global draw.
+"""
+
+from __future__ import annotations
+
+import jax
+import keras
+
+from keras_noisygd._backend._common import DrawRecordBase, no_summaries
+
+NAME = "jax"
+STATELESS = True
+LAYER_ROWS = False  # no gradient at an intermediate output of one pass (yet)
+VMAP_FORWARD = True
+SCALAR_SUMMARIES = False
+
+COUNTER_DTYPE = "int32"  # no 64-bit integers unless jax_enable_x64 is set
+SEED_DTYPE = "uint32"
+WORD_DTYPE = "uint32"
+
+
+def wide_float():
+    """float64 only where `jax_enable_x64` is set; float32 otherwise."""
+    return "float64" if jax.config.jax_enable_x64 else "float32"
+
+
+# -- the generator's word arithmetic (uint32 words) ---------------------------
+
+
+def wrap(x):
+    return x
+
+
+def shift_left(x, r):
+    return x << r
+
+
+def shift_right(x, r):
+    return x >> r
+
+
+def sort_keys(keys):
+    return keys
+
+
+# -- gradients ------------------------------------------------------------------
+
+
+def gradients(loss_fn, variables):
+    """`jax.grad` of `loss_fn()` over the values of `variables()`, mapped in a `StatelessScope`."""
+    listed = variables()  # JAX needs them before the forward pass: the model must be built
+
+    def of_values(values):
+        with keras.StatelessScope(state_mapping=list(zip(listed, values))):
+            return loss_fn()
+
+    return jax.grad(of_values)([v.value for v in listed])
+
+
+def apply_gradients(optimizer, gradients, variables):
+    optimizer.apply_gradients(zip(gradients, variables))
+
+
+def gradients_at(forward, trainable):
+    raise NotImplementedError(
+        "`_backend.gradients_at` (the gradient at a layer's output of one batched pass) has no JAX "
+        "implementation: check `_backend.LAYER_ROWS` first."
+    )
+
+
+def leaf(value):
+    return value
+
+
+def activation_gradient(activation, z, cotangent):
+    return jax.vjp(activation, z)[1](cotangent)[0]
+
+
+def vjp(f, primals):
+    """`(outputs, vjp_fn, aux)` of `f(primals) -> (outputs, aux)`."""
+    return jax.vjp(f, primals, has_aux=True)
+
+
+grad = jax.grad
+
+
+def vmap(f, in_axes):
+    return jax.vmap(f, in_axes=in_axes)
+
+
+# -- run time -------------------------------------------------------------------
+
+
+def asserted(value, conditions):
+    """`value`: a `jax.jit` step cannot raise at run time (the caller's NaN weights stand in)."""
+    return value
+
+
+def is_traced(value):
+    return isinstance(value, jax.core.Tracer)
+
+
+compiled = jax.jit
+
+
+def sync_state(model):
+    """The values `fit` holds outside the model back into its variables (between steps, in callbacks)."""
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+
+
+# -- traces and distribution -------------------------------------------------------
+
+
+class DrawRecord(DrawRecordBase):
+    """Whether each thread drew inside a trace (the compiled step) or eagerly; `apply` must match."""
+
+    def _where(self, token):
+        return is_traced(token)
+
+    def _same_step(self, drawn, token):
+        return drawn == is_traced(token)
+
+
+def num_replicas():
+    """1: a `DataParallel` step's batch is the global batch, one sharded array."""
+    return 1
+
+
+def global_batch(batch_size, owner):
+    return batch_size, None
+
+
+# -- summaries ----------------------------------------------------------------------
+
+
+def summary_writer(log_dir):
+    raise no_summaries(NAME, log_dir)
+
+
+def write_scalars(writer, step, values):
+    raise no_summaries(NAME, None)
