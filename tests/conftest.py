@@ -1,6 +1,15 @@
+"""Markers, the per-backend selection of tests, and the fixtures every test shares.
+
+`tests/support/` (shared helpers, NumPy references, worker scripts) is put on `sys.path`, so a test
+module anywhere under `tests/` imports `helpers` or `rng_reference` by name.
+"""
+
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import FixedWeights, classification_data, mlp
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from tests.helpers import FixedWeights, classification_data, mlp
 
 LOSS = "sparse_categorical_crossentropy"
 

@@ -1,7 +1,7 @@
 """tf.distribute: `MirroredStrategy` on two logical CPUs, `MultiWorkerMirroredStrategy` with two processes.
 
 A strategy needs its devices (or `TF_CONFIG`) before TensorFlow starts, so the
-distributed runs are subprocesses (tests/distribute_scripts/) that write their
+distributed runs are subprocesses (tests/support/distribute_scripts/) that write their
 results to a temporary folder. This process runs the same code
 (`distribute_scripts/common.py`) without a strategy as the single-device
 reference.
@@ -30,7 +30,7 @@ from distribute_scripts import common
 import keras_noisygd as kn
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "distribute_scripts"
+SCRIPTS = ROOT / "tests" / "support" / "distribute_scripts"
 N, BATCH, EPOCHS = 16, 8, 2  # as in the scripts: 4 steps of a global batch of 8
 STEPS = N // BATCH * EPOCHS
 ATOL = 1e-12  # see the module docstring

@@ -13,9 +13,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from helpers import classification_data, mlp
 
 import keras_noisygd as kn
-from tests.helpers import classification_data, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 

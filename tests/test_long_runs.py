@@ -6,9 +6,9 @@
 import keras
 import numpy as np
 import tensorflow as tf
+from helpers import classification_data, mlp
 
 import keras_noisygd as kn
-from tests.helpers import classification_data, mlp
 
 LOSS = "sparse_categorical_crossentropy"
 

@@ -1,4 +1,4 @@
-"""Checkpoint and resume across processes (the workers are in tests/resume_worker.py).
+"""Checkpoint and resume across processes (the workers are in tests/support/resume_worker.py).
 
 Every comparison is exact: each process runs the same float32 ops on the same
 inputs in the same order on the CPU, and the noise weights come from the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "resume_worker.py"
+WORKER = ROOT / "tests" / "support" / "resume_worker.py"
 
 
 def run_worker(mode, directory):

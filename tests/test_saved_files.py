@@ -7,17 +7,14 @@ emulated batch, and a `NoisyWrapper` with a configured `SGDSampling`. Loading ch
 those files store; continuing checks that the weights, the optimizer's slots and the noise stream came back.
 """
 
-import sys
 from pathlib import Path
 
 import keras
+import make_saved_files
 import numpy as np
 import pytest
 
 import keras_noisygd as kn
-
-sys.path.insert(0, str(Path(__file__).parent / "support"))
-import make_saved_files  # noqa: E402
 
 pytestmark = pytest.mark.all_backends
 

@@ -16,11 +16,11 @@ weights in a compiled step) is off by 1e-2 or more.
 import keras
 import numpy as np
 import pytest
+from helpers import exact, gradient, to_numpy
 from keras import ops
 
 import keras_noisygd as kn
 from keras_noisygd import noise, per_example
-from tests.helpers import exact, gradient, to_numpy
 
 pytestmark = pytest.mark.all_backends
 

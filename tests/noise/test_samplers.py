@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import rng_reference
 import tensorflow as tf
+from helpers import to_numpy
 
 from keras_noisygd import noise
-from tests.helpers import to_numpy
 
 N = 8
 DRAWS = 40_000

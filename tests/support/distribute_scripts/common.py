@@ -25,7 +25,7 @@ EXAMPLE_ARGS = argparse.Namespace(steps=3, batch_size=32, emulate_batch_size=4, 
 
 
 def load_example():
-    path = Path(__file__).resolve().parents[2] / "examples" / "multi_worker.py"
+    path = Path(__file__).resolve().parents[3] / "examples" / "multi_worker.py"
     spec = importlib.util.spec_from_file_location("multi_worker_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

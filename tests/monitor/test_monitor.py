@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import classification_data, mlp
 
 import keras_noisygd as kn
 from keras_noisygd import noise
-from tests.helpers import classification_data, mlp
 
 N_PROBE = 10
 

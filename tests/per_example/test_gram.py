@@ -13,13 +13,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import mlp
 
 import keras_noisygd as kn
 from keras_noisygd import per_example
 from keras_noisygd.layers import GhostBatchNormalization
 from keras_noisygd.per_example import gram as gram_lib
 from keras_noisygd.per_example import layer_rows, rules
-from tests.helpers import mlp
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 B = 9
