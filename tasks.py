@@ -6,11 +6,14 @@
     python3 tasks.py bench   # benchmarks/step_time.py; `bench per_example` runs benchmarks/per_example.py
     python3 tasks.py docs    # build the docs site into site/
 
-The virtual environment is (re)installed when setup.cfg or the extras change.
+The virtual environment is (re)installed when setup.cfg or the extras change. `demo` and `test` first fetch
+Fashion-MNIST into ~/.cache/keras_noisygd from Debian's package where apt-get exists (the tests that read it skip
+elsewhere).
 """
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -47,11 +50,22 @@ def ensure_venv(extras):
     stamp_file.write_text(" ".join(sorted(keep | wanted)))
 
 
+def fetch_fashion_mnist():
+    """Fashion-MNIST into the package's cache from Debian's `dataset-fashion-mnist` (apt-get download, no root).
+
+    Where apt-get is missing or fails, the tests that read the real files skip and say why.
+    """
+    if shutil.which("apt-get"):
+        run(PYTHON, "-c", "from keras_noisygd.experiments import idx; idx.fetch_debian()")
+
+
 def main(argv):
     job = argv[0] if argv else ""
     if job not in EXTRAS:
         sys.exit(__doc__)
     ensure_venv(EXTRAS[job])
+    if job in ("demo", "test"):
+        fetch_fashion_mnist()
     if job == "demo":
         return run(PYTHON, "-m", "keras_noisygd", "compare", *argv[1:])
     if job == "test":

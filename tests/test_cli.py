@@ -118,14 +118,14 @@ def test_unknown_command_exits_with_usage():
 
 
 def test_keras_datasets_loader_on_small_arrays(monkeypatch):
-    # The real loading code, fed small arrays instead of a download.
+    # The real loading code, fed small arrays instead of a download (Fashion-MNIST: tests/experiments).
     from keras_noisygd.experiments import data
 
     rng = np.random.default_rng(0)
-    fake = ((rng.integers(0, 256, (6, 4, 4)), rng.integers(0, 3, 6)), (rng.integers(0, 256, (2, 4, 4)), rng.integers(0, 3, (2, 1))))
-    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: fake)
-    dataset = data.load("fashion_mnist")
-    assert dataset.x_train.shape == (6, 4, 4, 1) and dataset.x_train.max() <= 1.0 and dataset.x_train.dtype == np.float32
+    fake = ((rng.integers(0, 256, (6, 4, 4, 3)), rng.integers(0, 3, (6, 1))), (rng.integers(0, 256, (2, 4, 4, 3)), rng.integers(0, 3, (2, 1))))
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", lambda: fake)
+    dataset = data.load("cifar10")
+    assert dataset.x_train.shape == (6, 4, 4, 3) and dataset.x_train.max() <= 1.0 and dataset.x_train.dtype == np.float32
     assert dataset.y_test.shape == (2,) and dataset.num_classes == 3
 
 

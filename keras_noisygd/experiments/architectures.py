@@ -7,8 +7,8 @@ import keras
 from keras_noisygd.layers import GhostBatchNormalization
 from keras_noisygd.models import NoisySequential
 
-MODELS = ("mlp", "cnn")
-DEFAULT_WIDTH = {"mlp": 128, "cnn": 16}
+MODELS = ("mlp", "cnn", "convsmall")
+DEFAULT_WIDTH = {"mlp": 128, "cnn": 16, "convsmall": 10}
 
 
 def build(name, input_shape, num_classes, width=None, ghost_batch_size=None):
@@ -21,6 +21,11 @@ def build(name, input_shape, num_classes, width=None, ghost_batch_size=None):
     (`keras_noisygd.layers.GhostBatchNormalization` with momentum 0.9 and
     epsilon `1e-5`, PyTorch's BatchNorm defaults).
     `width` defaults to `DEFAULT_WIDTH[name]`.
+
+    `"convsmall"` is the reference code's Fashion-MNIST CNN (11,330 parameters
+    on 28x28x1 inputs): conv 1->10 5x5 valid, max-pool 2, ReLU; conv 10->10 5x5
+    valid, max-pool 2, ReLU; dense 160->50, ReLU; dense 50->10 (pooling before
+    the ReLU, as there). Every weight and bias is drawn from N(0, 0.02^2).
     """
     if name not in MODELS:
         raise ValueError(f"Argument `model` must be one of {list(MODELS)}. Received: model={name!r}")
@@ -30,6 +35,8 @@ def build(name, input_shape, num_classes, width=None, ghost_batch_size=None):
 
     width = width or DEFAULT_WIDTH[name]
     layers = [keras.Input(input_shape)]
+    if name == "convsmall":
+        return _convsmall(input_shape, num_classes, width, norm)
     if name == "mlp":
         layers += [keras.layers.Flatten(), keras.layers.Dense(width), *norm(), keras.layers.ReLU()]
     elif len(input_shape) == 1:
@@ -42,4 +49,15 @@ def build(name, input_shape, num_classes, width=None, ghost_batch_size=None):
             layers += [keras.layers.Conv2D(width, 5, padding="same"), *norm(), keras.layers.ReLU(), keras.layers.MaxPooling2D()]
         layers += [keras.layers.Flatten()]
     layers += [keras.layers.Dense(num_classes)]
+    return NoisySequential(layers)
+
+
+def _convsmall(input_shape, num_classes, width, norm):
+    init = dict(kernel_initializer=keras.initializers.RandomNormal(0.0, 0.02),
+                bias_initializer=keras.initializers.RandomNormal(0.0, 0.02))
+    layers = [keras.Input(input_shape)]
+    for _ in range(2):
+        layers += [keras.layers.Conv2D(width, 5, **init), keras.layers.MaxPooling2D(), *norm(), keras.layers.ReLU()]
+    layers += [keras.layers.Flatten(), keras.layers.Dense(50, **init), *norm(), keras.layers.ReLU(),
+               keras.layers.Dense(num_classes, **init)]
     return NoisySequential(layers)

@@ -7,18 +7,35 @@ import dataclasses
 import sys
 
 from keras_noisygd import noise as noise_lib
+from keras_noisygd.experiments import report
 
 NOISES = [n for n in noise_lib.NAMES if n != "none"]
 
-# Quick presets: minutes on a 2-core CPU. See docs/results.md for how they were chosen.
+# Each command's defaults are its preset of the same name (minutes on a 2-core CPU); `--preset NAME` picks
+# another. See docs/results.md for how they were chosen and what they give.
+_FASHION_PAPER = dict(  # the reference code's Fashion-MNIST protocol (paper-notes section 5)
+    dataset="fashion_mnist", split="paper", pixels="raw", model="convsmall", train_size=1000, steps=10000,
+    lr=0.01, batch_size=50, seeds=3, eval_every=200,
+    curve_size=10000,  # 60,000 test images cost ~4 s per point on 2 cores; the final accuracy uses all of them
+)
 PRESETS = {
-    "compare": dict(dataset="mnist1d", model="cnn", train_size=500, steps=1000, lr=0.2, batch_size=16, seeds=3),
-    "large-batch": dict(dataset="mnist1d", model="cnn", train_size=1000, steps=2000, lr=0.2, batch_size=16,
-                        large_batch_size=256, seeds=3),
+    "compare": ("compare", dict(dataset="mnist1d", model="cnn", train_size=500, steps=1000, lr=0.2, batch_size=16, seeds=3)),
+    "large-batch": ("large-batch", dict(dataset="mnist1d", model="cnn", train_size=1000, steps=2000, lr=0.2,
+                                        batch_size=16, large_batch_size=256, seeds=3)),
+    "fashion-mnist-paper": ("compare", _FASHION_PAPER),
+    # Zhu et al.'s harder setting, the reference code's "cl1000cr200": 200 more images with random labels.
+    "fashion-mnist-corrupted": ("compare", dict(_FASHION_PAPER, random_labels=200)),
+    # The paper's Figure 3(a): sparse Gaussian noise with k = 10, 50, 100, 1000 noisy examples per step.
+    "fashion-mnist-sparse": ("compare", dict(_FASHION_PAPER, noise=[
+        f"{name}:{k}" for name in ("sparse_gaussian", "sparse_gaussian_centered") for k in (10, 50, 100, 1000)
+    ])),
 }
 
 
-def parser():
+def parser(preset=None):
+    """The argument parser; `preset` (a key of `PRESETS`) sets its command's defaults."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Argument `--preset` must be one of {sorted(PRESETS)}. Received: --preset={preset!r}")
     top = argparse.ArgumentParser(
         prog="keras-noisygd",
         description="Reproduce the comparisons of Wu et al. (ICML 2020): noisy GD generalizes like SGD.",
@@ -32,55 +49,94 @@ def parser():
         "large-batch", help="SGD(b) vs SGD(B) vs SGD(B) + noise emulating b",
         description="Small-batch SGD(b), large-batch SGD(B), and SGD(B) with noise emulating SGD(b) inside each batch.",
     )
+    preset_name = preset
     for sub, name in ((compare, "compare"), (large, "large-batch")):
-        preset = PRESETS[name]
-        sub.add_argument("--dataset", default=preset["dataset"], help="mnist1d (default), digits, fashion_mnist, mnist, cifar10")
+        preset = dict(noise=NOISES, split="standard", pixels="unit", random_labels=0, **PRESETS[name][1])
+        if preset_name is not None and PRESETS[preset_name][0] == name:
+            preset.update(PRESETS[preset_name][1])
+        sub.add_argument(
+            "--preset", choices=[p for p, (command, _) in PRESETS.items() if command == name],
+            help=f"a set of defaults (default {name}); the other flags override it",
+        )
+        sub.add_argument("--dataset", default=preset["dataset"], help="mnist1d, digits, fashion_mnist, mnist, cifar10 (default %(default)s)")
+        sub.add_argument("--data-dir", help="fashion_mnist/mnist: a folder holding the four IDX .gz files, looked in first")
+        sub.add_argument("--split", choices=["standard", "paper"], default=preset["split"],
+                         help="fashion_mnist/mnist: 'paper' trains on the official test file and tests on the "
+                              "60,000 training images, as the reference code does (default %(default)s)")
+        sub.add_argument("--pixels", choices=["unit", "raw"], default=preset["pixels"],
+                         help="images: 'unit' divides by 255, 'raw' keeps 0-255 (default %(default)s)")
+        sub.add_argument("--random-labels", type=int, default=preset["random_labels"],
+                         help="append this many more training examples with random labels (default %(default)s)")
         sub.add_argument("--data", help="a .npz file with x_train, y_train, x_test, y_test (overrides --dataset)")
         sub.add_argument("--num-samples", type=int, help="mnist1d: examples to generate (80%% train); default 5000")
         sub.add_argument("--train-size", type=int, default=preset["train_size"], help="training examples used (default %(default)s)")
-        sub.add_argument("--model", default=preset["model"], choices=["mlp", "cnn"], help="default %(default)s")
-        sub.add_argument("--width", type=int, help="MLP hidden units (default 128) or CNN channels (default 16)")
+        sub.add_argument("--model", default=preset["model"], choices=["mlp", "cnn", "convsmall"], help="default %(default)s")
+        sub.add_argument("--width", type=int, help="MLP hidden units (default 128) or CNN channels (cnn 16, convsmall 10)")
         sub.add_argument("--steps", type=int, default=preset["steps"], help="training steps per run (default %(default)s)")
         sub.add_argument("--lr", type=float, default=preset["lr"], help="learning rate (default %(default)s)")
         sub.add_argument("--momentum", type=float, default=0.0, help="default %(default)s")
         sub.add_argument("--batch-size", "-b", type=int, default=preset["batch_size"], help="the SGD batch b to emulate (default %(default)s)")
-        sub.add_argument("--noise", nargs="+", default=NOISES, help=f"noise classes (default: all of {NOISES})")
+        sub.add_argument("--noise", nargs="+", default=preset["noise"],
+                         help=f"noise classes (default: all of {NOISES}); a sparse class takes its number k of "
+                              "noisy examples per step after a colon, e.g. sparse_gaussian:10 (default k = b)")
         sub.add_argument("--seeds", type=int, default=preset["seeds"], help="seeds 0..N-1 (default %(default)s)")
-        sub.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations; must divide --steps (default %(default)s)")
+        sub.add_argument("--curve-size", type=int, default=preset.get("curve_size"),
+                         help="test examples (the first ones) the curve is measured on; the final test accuracy "
+                              "uses all (default: all)")
+        sub.add_argument("--eval-every", type=int, default=preset.get("eval_every", 100),
+                         help="steps between test evaluations; must divide --steps (default %(default)s)")
         sub.add_argument(
             "--micro-batch-size", "-c", type=int,
             help="train every batch larger than this in micro-batches of it (gradient accumulation: one update "
                  "still sees the whole batch); must divide each batch it splits (default: no micro-batches)",
         )
         sub.add_argument("--out", default=f"runs/{name}", help="output folder (default %(default)s)")
+        sub.add_argument("--resume", action="store_true",
+                         help="keep the runs already in OUT/runs.jsonl (same settings) and train only the others: "
+                              "a long comparison can be stopped and continued, or run in parts")
         sub.add_argument("--no-xla", action="store_true", help="train without jit_compile (XLA is on by default)")
-    large.add_argument("--large-batch-size", "-B", type=int, default=PRESETS["large-batch"]["large_batch_size"], help="B (default %(default)s)")
+    large_preset = dict(PRESETS["large-batch"][1], **PRESETS.get(preset_name, ("", {}))[1])
+    large.add_argument("--large-batch-size", "-B", type=int, default=large_preset["large_batch_size"], help="B (default %(default)s)")
     large.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default %(default)s)")
     large.add_argument("--ghost-batch-size", type=int, help="ghost-batch normalisation with this ghost size (default: no normalisation)")
     return top
 
 
+def parse(argv=None):
+    """Parses `argv` (default `sys.argv[1:]`) with the defaults of the `--preset` it names."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset")
+    preset = first.parse_known_args(argv)[0].preset
+    if preset is not None and preset not in PRESETS:
+        preset = None  # argparse's own error, with the choices, comes from the full parser
+    return parser(preset).parse_args(argv)
+
+
 def main(argv=None):
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         dataset, methods, config, title = prepare(args)
-    except ValueError as error:  # bad input: one clear line, no traceback (training errors keep theirs)
+        settings = {**vars(args), "dataset": dataset.name, "n": len(dataset.x_train), "config": dataclasses.asdict(config)}
+        journal = report.Journal(args.out, settings, resume=args.resume)
+    except (ValueError, FileNotFoundError) as error:  # bad input or missing data: one clear line, no traceback
         print(f"keras-noisygd {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return run(args, dataset, methods, config, title)
+    return run(args, dataset, methods, config, title, journal)
 
 
 def prepare(args):
     """Loads the data and builds the methods and the shared config; raises ValueError on bad input."""
     from keras_noisygd.experiments import data, runner
 
-    dataset = data.load(args.data or args.dataset, args.num_samples).subset(args.train_size)
+    dataset = data.load(args.data or args.dataset, args.num_samples, args.data_dir, args.split, args.pixels)
+    dataset = dataset.with_random_labels(args.train_size, args.random_labels)
     n = len(dataset.x_train)
     if args.command == "compare":
         methods = runner.compare_methods(n, args.batch_size, args.noise)
         config = runner.Config(
             args.model, args.steps, args.lr, args.momentum, eval_every=args.eval_every, width=args.width,
-            jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size,
+            jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size, curve_size=args.curve_size,
         )
         title = f"{dataset.name}, n={n}: GD vs SGD(b={args.batch_size}) vs noisy GD"
     else:
@@ -88,8 +144,11 @@ def prepare(args):
         config = runner.Config(
             args.model, args.steps, args.lr, args.momentum, args.weight_decay, args.ghost_batch_size,
             args.eval_every, args.width, jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size,
+            curve_size=args.curve_size,
         )
         title = f"{dataset.name}, n={n}: SGD(b={args.batch_size}) vs SGD(B={args.large_batch_size}) (+ noise)"
+    if args.curve_size is not None and args.curve_size < 1:
+        raise ValueError(f"Argument `curve_size` must be >= 1. Received: curve_size={args.curve_size}")
     if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
         raise ValueError(f"Arguments `seeds`, `steps` and `eval_every` must be >= 1. Received: {args.seeds}, {args.steps}, {args.eval_every}")
     if args.steps % args.eval_every:
@@ -103,24 +162,25 @@ def prepare(args):
     return dataset, methods, config, title
 
 
-def run(args, dataset, methods, config, title):
-    """Trains every (seed, method), prints the table and writes the files."""
+def run(args, dataset, methods, config, title, journal):
+    """Trains every (seed, method) not in `journal` yet, prints the table and writes the files."""
     import keras
 
-    from keras_noisygd.experiments import report, runner
+    from keras_noisygd.experiments import runner
 
-    n = len(dataset.x_train)
-    print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds 0..{args.seeds - 1}")
+    print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds 0..{args.seeds - 1}", flush=True)
     progress = keras.utils.Progbar(len(methods) * args.seeds, unit_name="run", stateful_metrics=["test_acc"])
     runs = []
     for seed in range(args.seeds):
         for method in methods:
-            runs.append(runner.train(dataset, method, config, seed))
-            progress.add(1, values=[("test_acc", runs[-1]["test_acc"])])
+            run_ = journal.get(method.label, seed)
+            if run_ is None:
+                run_ = journal.add(runner.train(dataset, method, config, seed))
+            runs.append(run_)
+            progress.add(1, values=[("test_acc", run_["test_acc"])])
     print(report.table(report.summarize(runs)))
-    settings = {**vars(args), "dataset": dataset.name, "n": n, "config": dataclasses.asdict(config)}
     # The gap each noisy method should close: GD -> SGD(b), or SGD(B) -> SGD(b).
     baseline, target = (methods[0], methods[1]) if args.command == "compare" else (methods[1], methods[0])
-    paths = report.write(args.out, settings, runs, title, baseline.label, target.label)
+    paths = report.write(args.out, journal.all_settings, runs, title, baseline.label, target.label)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

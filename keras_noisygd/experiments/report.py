@@ -12,6 +12,49 @@ import numpy as np
 COLUMNS = ("method", "seed", "train_acc", "test_acc", "gap", "steps", "seconds")
 
 
+# Settings that do not change what a run computes: a resumed comparison may differ in these.
+_NOT_COMPARED = ("resume", "seeds", "noise", "out", "config")  # `config` is derived from the flags
+
+
+class Journal:
+    """`runs.jsonl` in the output folder: one line per finished run, so a comparison can be resumed.
+
+    The first line holds the settings; `resume=True` keeps the runs of a journal
+    whose settings match (apart from `seeds`, `noise` and `out`, which only
+    choose which runs exist) and raises ValueError if they differ. Without
+    `resume` an existing journal is replaced.
+    """
+
+    def __init__(self, out_dir, settings, resume=False):
+        self.path = Path(out_dir) / "runs.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.all_settings = settings
+        self.settings = {k: v for k, v in settings.items() if k not in _NOT_COMPARED}
+        self.settings = json.loads(json.dumps(self.settings))  # tuples -> lists, as the file holds them
+        self.runs = {}
+        if resume and self.path.exists():
+            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            if lines and lines[0].get("settings") != self.settings:
+                old = lines[0].get("settings", {})
+                differ = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+                raise ValueError(
+                    f"Argument `--resume` needs the settings of {self.path}; these differ: "
+                    + ", ".join(f"{k}={old.get(k)!r} there, {self.settings.get(k)!r} now" for k in differ)
+                )
+            self.runs = {(r["method"], r["seed"]): r for r in lines[1:]}
+        else:
+            self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
+
+    def get(self, method, seed):
+        return self.runs.get((method, seed))
+
+    def add(self, run):
+        self.runs[(run["method"], run["seed"])] = run
+        with open(self.path, "a") as f:
+            f.write(json.dumps(run) + "\n")
+        return run
+
+
 def summarize(runs):
     """Per method, in first-seen order: mean and std over seeds of each numeric column."""
     grouped = defaultdict(list)

@@ -39,6 +39,7 @@ class Config:
     width: Optional[int] = None  # the model's default (architectures.DEFAULT_WIDTH)
     jit_compile: bool = True  # Keras's "auto" turns XLA off on CPU; it is ~30% faster here
     micro_batch_size: Optional[int] = None  # larger batches are trained in micro-batches of this size
+    curve_size: Optional[int] = None  # test examples for the curve (the first ones; the final accuracy uses all)
 
 
 def compare_methods(n, b, noises):
@@ -86,13 +87,31 @@ def _check_batch(value, limit, name, limit_name):
         raise ValueError(f"Argument `{name}` must be in [1, {limit_name}={limit}]. Received: {name}={value}")
 
 
+SPARSE = ("sparse_gaussian", "sparse_gaussian_centered")
+
+
 def _checked_noises(noises):
-    for name in noises:
-        if name not in noise_lib.NAMES or name == "none":
-            raise ValueError(
-                f"Argument `noise` must be among {[n for n in noise_lib.NAMES if n != 'none']}. Received: noise={name!r}"
-            )
+    for spec in noises:
+        noise_template(spec)
     return noises
+
+
+def noise_template(spec):
+    """A noise name, or `"sparse_gaussian[_centered]:k"` for a sparse class with `k` noisy examples per step."""
+    name, _, k = str(spec).partition(":")
+    if name not in noise_lib.NAMES or name == "none" or (k and name not in SPARSE):
+        raise ValueError(
+            f"Argument `noise` must be among {[n for n in noise_lib.NAMES if n != 'none']}, a sparse one optionally "
+            f"followed by ':k' (k >= 1 noisy examples per step). Received: noise={spec!r}"
+        )
+    if not k:
+        return name
+    if not k.isdigit() or int(k) < (2 if name.endswith("centered") else 1):
+        raise ValueError(
+            f"Argument `noise` takes ':k' with an integer k >= {2 if name.endswith('centered') else 1} for {name}. "
+            f"Received: noise={spec!r}"
+        )
+    return noise_lib.SparseGaussian(num_noisy=int(k), centered=name.endswith("centered"))
 
 
 def fit(dataset, method, config, seed):
@@ -114,7 +133,7 @@ def fit(dataset, method, config, seed):
     if method.noise is None:
         optimizer = keras.optimizers.SGD(config.lr, **kwargs)
     else:
-        optimizer = NoisyGD(config.lr, noise=method.noise, emulate_batch_size=method.emulate_batch_size, seed=seed, **kwargs)
+        optimizer = NoisyGD(config.lr, noise=noise_template(method.noise), emulate_batch_size=method.emulate_batch_size, seed=seed, **kwargs)
     micro_steps = k or 1  # Keras's fit counts micro-steps; `steps` and `eval_every` count updates
     chunk = config.eval_every * micro_steps  # micro-steps between two points of the test curve
     execution = 1 if keras.backend.backend() == "torch" else chunk  # PyTorch runs one step per call
@@ -132,7 +151,8 @@ def fit(dataset, method, config, seed):
     # k consecutive micro-batches of the repeated stream are exactly one batch of the unsplit stream.
     data = data.repeat().batch(method.batch_size // micro_steps, drop_remainder=True).prefetch(2)
 
-    curve = TestCurve(dataset.x_test, dataset.y_test, every=chunk // execution)
+    m = config.curve_size
+    curve = TestCurve(dataset.x_test[:m], dataset.y_test[:m], every=chunk // execution)
     model.fit(data, steps_per_epoch=config.steps * micro_steps, epochs=1, verbose=0, shuffle=False, callbacks=[curve])
     return model, curve
 
