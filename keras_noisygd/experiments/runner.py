@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_noisygd import _backend
 from keras_noisygd import noise as noise_lib
 from keras_noisygd.experiments import architectures
 from keras_noisygd.optimizers import NoisyGD
@@ -136,13 +137,13 @@ def fit(dataset, method, config, seed):
         optimizer = NoisyGD(config.lr, noise=noise_template(method.noise), emulate_batch_size=method.emulate_batch_size, seed=seed, **kwargs)
     micro_steps = k or 1  # Keras's fit counts micro-steps; `steps` and `eval_every` count updates
     chunk = config.eval_every * micro_steps  # micro-steps between two points of the test curve
-    execution = 1 if keras.backend.backend() == "torch" else chunk  # PyTorch runs one step per call
+    execution = 1 if _backend.NAME == "torch" else chunk  # PyTorch runs one step per call
     model.compile(
         optimizer,
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=execution,  # Python (and the test curve) once per chunk
-        jit_compile=config.jit_compile and keras.backend.backend() != "torch",  # there it means torch.compile
+        jit_compile=config.jit_compile and _backend.NAME != "torch",  # there it means torch.compile
     )
     n = len(dataset.x_train)
     data = tf.data.Dataset.from_tensor_slices((dataset.x_train, dataset.y_train))
