@@ -10,6 +10,7 @@ from keras_noisygd import _launch
 _launch.quiet_start()  # only when this process is the `keras-noisygd` command line
 
 from keras_noisygd import layers, monitor, noise  # noqa: E402, F401  (keras_noisygd.monitor, as before)
+from keras_noisygd.batching import micro_batches  # noqa: E402
 from keras_noisygd.gradients import noisy_gradients  # noqa: E402
 from keras_noisygd.models import NoisyModel, NoisySequential, NoisyTrainStep, noisy  # noqa: E402
 from keras_noisygd.monitor import NoiseMonitor  # noqa: E402
@@ -31,6 +32,7 @@ __all__ = [
     "NoisyTrainStep",
     "noisy",
     "noisy_gradients",
+    "micro_batches",
     "per_example_gradients",
     "NoiseMonitor",
 ]

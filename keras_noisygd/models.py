@@ -7,6 +7,9 @@ itself lives in `keras_noisygd.train_step`.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import keras
 
 from keras_noisygd import _backend
@@ -57,6 +60,29 @@ class NoisyTrainStep:
                 return super().train_step(data)
             return steps.step(self, data)
 
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, plus two safeguards when the optimizer carries noise.
+
+        * A `FailedNoiseCheck` callback: a compiled step (XLA, `jax.jit`) whose
+          run-time check fails cannot raise; it skips its update and `fit`
+          raises the check's message at the end of that execution chunk.
+        * A warning when `batch_size` makes the noise vanish (`b >= B`).
+        """
+        optimizer = find_noisy_optimizer(getattr(self, "optimizer", None))
+        if optimizer is None:
+            return super().fit(*args, **kwargs)
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        callbacks = arguments.get("callbacks") or []
+        callbacks = list(callbacks if isinstance(callbacks, (list, tuple)) else [callbacks])
+        if not any(isinstance(c, FailedNoiseCheck) for c in callbacks):
+            callbacks.append(FailedNoiseCheck(optimizer))
+        arguments["callbacks"] = callbacks
+        update_size = _update_size(optimizer, arguments)
+        if update_size is not None:
+            optimizer.warn_if_noiseless(update_size)
+        return super().fit(*bound.args[1:], **bound.kwargs)
+
     def compile(self, *args, **kwargs):
         """`keras.Model.compile`; also records `loss_weights` for the per-example engine."""
         self.noisy_loss_weights = args[2] if len(args) > 2 else kwargs.get("loss_weights")
@@ -67,6 +93,44 @@ class NoisyTrainStep:
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)  # the slots, for the saved values to load into
+
+
+class FailedNoiseCheck(keras.callbacks.Callback):
+    """Raises the message of a run-time check that a compiled step could not raise; `NoisyTrainStep.fit` adds it.
+
+    The step skipped its update (weights, optimizer slots and noise counter
+    are as before it) and reported the loss as NaN; at the end of that
+    execution chunk this callback reads the optimizer's `noise_check` record
+    and raises `ValueError` with the check's message.
+    """
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.optimizer = optimizer
+
+    def on_train_begin(self, logs=None):
+        self.optimizer.reset_noise_check()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(keras.ops.convert_to_numpy(loss))):
+            return
+        _backend.sync_state(self.model)
+        message = self.optimizer.failed_check_message()
+        if message is not None:
+            self.model.stop_training = True
+            raise ValueError(f"{message} (the step that failed this check was skipped: the weights, the "
+                             "optimizer's slots and the noise counter are as they were before it)")
+
+
+def _update_size(optimizer, arguments):
+    """The examples of one update that `fit(x, batch_size=...)` will draw for, where its arguments tell."""
+    x = arguments.get("x")
+    if getattr(x, "shape", None) is None or len(x.shape) == 0 or x.shape[0] is None:
+        return None  # a dataset, a generator or a nest of arrays: the draw itself warns where it can
+    n = int(int(x.shape[0]) * (1 - float(arguments.get("validation_split") or 0.0)))
+    batch = min(arguments.get("batch_size") or 32, n)  # 32: Keras's default
+    return batch * (optimizer.gradient_accumulation_steps or 1) * _backend.num_replicas()
 
 
 @_register

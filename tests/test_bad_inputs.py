@@ -112,7 +112,6 @@ BAD = [
     Case("emulate float", lambda: opt(emulate_batch_size=2.0), V, "`emulate_batch_size`", "None, an integer >= 1 or a `keras.optimizers.schedules.LearningRateSchedule`", "emulate_batch_size=2.0"),
     Case("emulate bool", lambda: opt(emulate_batch_size=True), V, "`emulate_batch_size`", "None, an integer >= 1 or a `keras.optimizers.schedules.LearningRateSchedule`", "emulate_batch_size=True"),
     Case("emulate string", lambda: opt(emulate_batch_size="32"), V, "`emulate_batch_size`", "None, an integer >= 1 or a `keras.optimizers.schedules.LearningRateSchedule`", "emulate_batch_size='32'"),
-    Case("template without b", lambda: opt(noise="gaussian"), V, "`noise='gaussian'`", "names a noise class without its size", "emulate_batch_size=None"),
     Case("configured noise and b", lambda: opt(noise=noise.Gaussian(1.0), emulate_batch_size=4), V, "`emulate_batch_size`", "calibrates a noise template, but `noise` is already configured", "emulate_batch_size=4"),
     Case("b cannot be emulated", lambda: opt(noise="sparse_gaussian_centered", emulate_batch_size=1), V, "`num_noisy`", "an integer >= 2", "num_noisy=1"),
     # Keras 3 refuses integer learning rates (keras.optimizers.SGD(1) too); the noisy optimizers follow it.
@@ -194,18 +193,22 @@ def test_nan_loss_stops_training_with_terminate_on_nan(jit_compile):
 
 
 @pytest.mark.parametrize("data", ["configured b > run-time batch", "empty batch"])
-def test_under_xla_failed_run_time_checks_report_a_nan_loss(data):
-    # XLA drops run-time assertions: the step reports loss NaN instead (weights NaN, or an
-    # empty batch) and TerminateOnNaN stops at that step, so no run ends with silently bad weights.
+def test_under_xla_failed_run_time_checks_skip_the_step_and_stop_fit(data):
+    # XLA drops run-time assertions: the step skips its update instead, records the check, and fit raises
+    # its message at the end of that step, so no run ends with silently bad weights.
     if data == "empty batch":
-        optimizer, dataset, steps = opt(noise="bernoulli", emulate_batch_size=4), batches(16, 8, extra=empty_batch()), 3
+        optimizer, dataset = opt(noise="bernoulli", emulate_batch_size=4), batches(16, 8, extra=empty_batch())
+        message = r"Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size= 0"
     else:
-        optimizer, dataset, steps = opt(noise=noise.SGDSampling(8)), batches(20, 8), 3
+        optimizer, dataset = opt(noise=noise.SGDSampling(8)), batches(20, 8)
+        message = r"The noise sampler's run-time check failed"
     model = mlp()
     model.compile(optimizer, LOSS, jit_compile=True)
-    history = model.fit(dataset, epochs=4, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
-    assert int(model.optimizer.iterations.numpy()) == steps
-    assert math.isnan(history.history["loss"][-1]) and len(history.history["loss"]) == 1
+    with pytest.raises(ValueError, match=message):
+        model.fit(dataset, epochs=4, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2  # the two good steps; the failed third was skipped
+    np.testing.assert_array_equal(model.optimizer.noise_state.numpy()[1], 2)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
 def test_numpy_integer_seed_is_a_python_int_seed():

@@ -27,6 +27,7 @@ The interface, by concern:
   backend sorts).
 * **Gradients.** `gradients(loss_fn, variables)` and
   `apply_gradients(optimizer, gradients, variables)` of a train step;
+  `run_if(condition, function)`: an update skipped where a check failed;
   `gradients_at(forward, trainable)`: the gradients at tensors computed
   inside one pass (the layer rows), whose trainable values are `leaf(value)`s; `activation_gradient(fn, z, cotangent)`;
   the function transforms `vjp(f, primals)`, `grad(f)`, `vmap(f, in_axes)`
@@ -52,7 +53,7 @@ INTERFACE = (
     "NAME", "STATELESS", "LAYER_ROWS", "VMAP_FORWARD", "SCALAR_SUMMARIES",
     "COUNTER_DTYPE", "SEED_DTYPE", "WORD_DTYPE", "wide_float",
     "wrap", "shift_left", "shift_right", "sort_keys",
-    "gradients", "apply_gradients", "gradients_at", "leaf", "activation_gradient", "vjp", "grad", "vmap",
+    "gradients", "apply_gradients", "run_if", "gradients_at", "leaf", "activation_gradient", "vjp", "grad", "vmap",
     "asserted", "is_traced", "compiled", "sync_state",
     "DrawRecord", "global_batch", "num_replicas",
     "summary_writer", "write_scalars",
@@ -86,6 +87,7 @@ shift_right = _current.shift_right
 sort_keys = _current.sort_keys
 gradients = _current.gradients
 apply_gradients = _current.apply_gradients
+run_if = _current.run_if
 gradients_at = _current.gradients_at
 leaf = _current.leaf
 activation_gradient = _current.activation_gradient

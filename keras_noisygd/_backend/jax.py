@@ -67,6 +67,15 @@ def apply_gradients(optimizer, gradients, variables):
     optimizer.apply_gradients(zip(gradients, variables))
 
 
+def run_if(condition, function):
+    """`function()` where `condition` holds. Inside `jax.jit` it always runs: the step that called the
+    optimizer keeps its old values where the condition fails (`train_step.jax`)."""
+    if is_traced(condition):
+        function()
+    elif bool(condition):
+        function()
+
+
 def gradients_at(forward, trainable):
     raise NotImplementedError(
         "`_backend.gradients_at` (the gradient at a layer's output of one batched pass) has no JAX "
@@ -98,7 +107,14 @@ def vmap(f, in_axes):
 
 
 def asserted(value, conditions):
-    """`value`: a `jax.jit` step cannot raise at run time (the caller's NaN weights stand in)."""
+    """`value`, or a ValueError with the first failed condition's message where the values are concrete
+    (eager JAX); a `jax.jit` step cannot raise (the caller's NaN weights and `noise_check` stand in)."""
+    for ok, message in conditions:
+        if is_traced(ok):
+            continue
+        if not bool(ok):
+            parts = [message] if isinstance(message, str) else message
+            raise ValueError(" ".join(str(p if isinstance(p, str) else jax.device_get(p)) for p in parts))
     return value
 
 

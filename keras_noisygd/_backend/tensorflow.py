@@ -65,6 +65,28 @@ def apply_gradients(optimizer, gradients, variables):
     optimizer.apply_gradients(zip(gradients, variables))
 
 
+def run_if(condition, function):
+    """`function()` only where `condition` (a scalar bool) holds: a `tf.cond` in a graph of one replica.
+
+    Under several replicas the update's cross-replica `merge_call` cannot sit
+    inside a `tf.cond` (keras-team/keras#20582), so `function` runs there
+    unconditionally; eagerly the condition is read.
+    """
+    if tf.executing_eagerly():
+        if bool(condition):
+            function()
+        return
+    if num_replicas() > 1:
+        function()
+        return
+
+    def run():
+        function()
+        return tf.constant(True)
+
+    tf.cond(tf.cast(condition, tf.bool), run, lambda: tf.constant(False))
+
+
 def gradients_at(forward, trainable):
     """`forward() -> (total, regularization or None, targets)`; the gradients of `total` at `targets`
     (tensors computed inside `forward`) and of `regularization` at `trainable` (or `None`)."""

@@ -65,6 +65,12 @@ def apply_gradients(optimizer, gradients, variables):
         optimizer.apply_gradients(zip(gradients, variables))
 
 
+def run_if(condition, function):
+    """`function()` where `condition` holds (the step is eager)."""
+    if bool(condition):
+        function()
+
+
 def gradients_at(forward, trainable):
     """See the TensorFlow module; the caller detaches what `forward` captured."""
     with torch.enable_grad():

@@ -44,6 +44,9 @@ class Bernoulli(Sampler):
     def covariance(self, num_examples):
         return (1 / self.p - 1) * np.eye(num_examples)
 
+    def variance(self, num_examples):
+        return 1 / self.p - 1
+
     @classmethod
     def emulating(cls, batch_size, num_examples):
         """`p = b / N`."""

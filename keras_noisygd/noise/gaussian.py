@@ -64,6 +64,9 @@ class Gaussian(Sampler):
         base = centering(num_examples) if self.centered else np.eye(num_examples)
         return self.std**2 * base
 
+    def variance(self, num_examples):
+        return self.std**2 * ((1 - 1 / num_examples) if self.centered else 1.0)
+
     @classmethod
     def emulating(cls, batch_size, num_examples, centered=False):
         """`std^2 = N/b` (uncentred) or `N(N-b)/(b(N-1))` (centred)."""
@@ -136,6 +139,10 @@ class SparseGaussian(Sampler):
         if self.centered:
             return s2 * (k - 1) / (N - 1) * centering(N)
         return s2 * k / N * np.eye(N)
+
+    def variance(self, num_examples):
+        N, k, s2 = num_examples, self.num_noisy, self.std**2
+        return s2 * (k - 1) / N if self.centered else s2 * k / N
 
     @classmethod
     def emulating(cls, batch_size, num_examples, num_noisy=None, centered=False):

@@ -99,6 +99,14 @@ class Sampler:
         """The exact `[num_examples, num_examples]` covariance matrix of the weights (NumPy)."""
         raise NotImplementedError
 
+    def variance(self, num_examples: int) -> float:
+        """The mean variance of one weight, `trace(Cov[m]) / N`, without forming the matrix.
+
+        `0.0` means the weights are all 1: no noise. The classes give closed
+        forms; this fallback forms `covariance(num_examples)`.
+        """
+        return float(np.trace(self.covariance(num_examples))) / num_examples
+
     @classmethod
     def emulating(cls, batch_size, num_examples, **kwargs) -> "Sampler":
         """This noise class calibrated to the covariance of SGD with batch `b` out of `N`.

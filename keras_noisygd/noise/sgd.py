@@ -33,6 +33,9 @@ class NoNoise(Sampler):
     def covariance(self, num_examples):
         return np.zeros((num_examples, num_examples))
 
+    def variance(self, num_examples):
+        return 0.0
+
     @classmethod
     def emulating(cls, batch_size, num_examples):
         """`NoNoise()`: there is nothing to calibrate."""
@@ -90,6 +93,10 @@ class SGDSampling(Sampler):
         if N == 1:
             return np.zeros((1, 1))
         return N * (N - b) / (b * (N - 1)) * centering(N)
+
+    def variance(self, num_examples):
+        N, b = num_examples, self.batch_size
+        return (N / b) * (1 - 1 / N) if self.replacement else (N - b) / b
 
     @classmethod
     def emulating(cls, batch_size, num_examples, replacement=False):

@@ -10,6 +10,7 @@ loss scaling and gradient accumulation all come from the base class.
 from __future__ import annotations
 
 import random
+import warnings
 
 import keras
 from keras import ops
@@ -17,9 +18,11 @@ from keras import ops
 from keras_noisygd import _backend
 from keras_noisygd import noise as noise_lib
 from keras_noisygd._checks import at_most, check_batch_size, check_int, guarded, is_static
-from keras_noisygd.optimizers import validation
+from keras_noisygd.optimizers import checks, validation
+from keras_noisygd.optimizers.docs import with_noise_args
 
 
+@with_noise_args
 class NoiseMixin:
     """Gives any Keras optimizer a multiplicative sampling noise.
 
@@ -48,27 +51,7 @@ class NoiseMixin:
     micro-batches of an update must have the same size (checked at run time).
 
     Args:
-        noise: A name from `keras_noisygd.noise.NAMES`, a sampler, or a sampler
-            config. A name, or a sampler whose noise size is `None`, is a template
-            that needs `emulate_batch_size`. Defaults to `"gaussian_centered"`.
-        emulate_batch_size: The SGD batch size `b` to emulate: an int, or a
-            `keras.optimizers.schedules.LearningRateSchedule` of the update
-            step whose value (rounded to the nearest integer) is `b` at that
-            update, e.g. an emulated batch that grows during training. At every
-            update the noise class is calibrated to SGD(`b`) drawn out of that
-            update's `N` examples (`N` = the training set for full-batch noisy
-            GD, `b < N` for the large-batch variant). Defaults to `None`.
-        seed: Int seed of the noise stream. `None` draws one, recorded in the
-            config. Defaults to `None`.
-        engine: How the train step forms `G W`. `"weighted"`: the gradient of
-            the re-weighted loss, one backward pass, `G` never formed.
-            `"per_example"`: forms `G` with `keras_noisygd.per_example_gradients`
-            and contracts it with the weights (same update to float rounding;
-            slower; the base for noise that is not linear in `G`). Defaults to
-            `"weighted"`.
-        chunk_size: With `engine="per_example"`, examples per vectorised chunk
-            (bounds the memory of `G` to `chunk_size` rows); `None` forms all
-            `B` rows at once. Defaults to `None`.
+        {{noise_args}}
         **kwargs: Arguments of the Keras optimizer.
     """
 
@@ -83,8 +66,7 @@ class NoiseMixin:
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.emulate_batch_size = validation.emulate_batch_size(emulate_batch_size)
-        self.noise = validation.noise(noise, self.emulate_batch_size)
+        self.noise, self.emulate_batch_size = validation.noise(noise, validation.emulate_batch_size(emulate_batch_size))
         self.engine, self.chunk_size = validation.engine(engine, chunk_size)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
@@ -99,8 +81,16 @@ class NoiseMixin:
             self._micro_batch_size = self.add_variable(
                 shape=(), dtype=_backend.COUNTER_DTYPE, name="noise_micro_batch_size", aggregation="only_first_replica"
             )
+        # The first failed run-time check of the draw since `reset_noise_check`: [code, value, value]. A compiled
+        # step cannot raise, so it skips its update and records the failure here (`failed_check_message`).
+        # Not saved: a `.keras` file of an earlier version has the same optimizer variables.
+        self._noise_check = self.add_variable(
+            shape=(3,), dtype=_backend.COUNTER_DTYPE, name="noise_check", aggregation="only_first_replica"
+        )
+        self._check_messages = {}  # code -> the message's parts, recorded at trace time
         self._drawn = _backend.DrawRecord()
         self._full_update_seen = False  # whether an update of at least `emulate_batch_size` examples was drawn
+        self._warned_noiseless = False
 
     @property
     def noise_state(self):
@@ -158,13 +148,49 @@ class NoiseMixin:
             conditions = self._check_micro_batch(step_size, micro_step)
             offset = micro_step * ops.cast(step_size, _backend.COUNTER_DTYPE)
         weights, schedule_conditions = self._draw_update(update, update_size, dtype)
-        weights = guarded(weights, conditions + schedule_conditions)
+        conditions = conditions + schedule_conditions
+        if ops.is_tensor(batch_size):  # an empty batch (TensorFlow's traced step sees its size at run time)
+            conditions.append((ops.greater_equal(batch_size, 1), checks.EMPTY_BATCH + [batch_size]))
+        checks.record(self._noise_check, self._check_messages, conditions, weights)
+        weights = guarded(weights, conditions)
         if offset is None:
             return weights
         # A gather, not a slice: XLA needs a slice's `begin` at compile time, so an offset read from
         # the noise-state variable would recompile the step at every new update (and did: 2.5 s a step).
         indices = ops.cast(offset, "int32") + ops.arange(batch_size, dtype="int32")
         return ops.take(weights, indices)
+
+    @property
+    def noise_check(self):
+        """The `[code, value, value]` variable of the first failed run-time check (`code` 0: none)."""
+        return self._noise_check
+
+    def reset_noise_check(self):
+        """Forgets a recorded failure (`fit` does this at its start)."""
+        self._noise_check.assign(ops.zeros((3,), _backend.COUNTER_DTYPE))
+
+    def failed_check_message(self):
+        """The message of the first run-time check that failed in a compiled step since the last reset, or `None`.
+
+        A step compiled with XLA or `jax.jit` cannot raise, so a failed check
+        skips that step's update (weights, slots and noise counter stay as
+        they were) and records itself; `NoisyTrainStep.fit` then stops with
+        this message.
+        """
+        return checks.message(ops.convert_to_numpy(self._noise_check.value), self._check_messages)
+
+    def warn_if_noiseless(self, update_size):
+        """Warns once when the noise calibrated to SGD(b) out of `update_size` examples is no noise at all.
+
+        SGD(`B`) out of `B` examples is GD: the centred classes, SGD sampling
+        and Bernoulli then draw `m = 1`. Called by the draw when the sizes are
+        known while tracing, and by `NoisyTrainStep.fit` from its `batch_size`.
+        """
+        if not self._warned_noiseless and checks.is_noiseless(self.noise, self.emulate_batch_size, update_size):
+            self._warned_noiseless = True
+            warnings.warn(checks.NOISELESS.format(
+                name=type(self).__name__, noise=self.noise.name, b=self.emulate_batch_size, B=int(update_size)
+            ), stacklevel=3)
 
     def current_emulate_batch_size(self):
         """The SGD batch size `b` the next update emulates (a schedule's current value), or `None`."""
@@ -186,12 +212,8 @@ class NoiseMixin:
         expected = ops.where(ops.equal(micro_step, 0), size, self._micro_batch_size.value)
         self._micro_batch_size.assign(expected)
         k = self.gradient_accumulation_steps
-        message = [
-            f"With `gradient_accumulation_steps={k}` every micro-batch of an update must have the same size: the "
-            f"update's noise is drawn once for {k} x that many examples. Pass a `batch_size` that divides the "
-            "number of training examples, or batch a dataset with `drop_remainder=True`. Received: a micro-batch "
-            "of", size, "examples in an update whose first micro-batch had", expected,
-        ]
+        message = [checks.MICRO_BATCH.format(k=k), "Received: a micro-batch of", size,
+                   "examples in an update whose first micro-batch had", expected]
         return [(ops.equal(size, expected), message)]
 
     def _emulated_batch_size(self, update):
@@ -221,6 +243,7 @@ class NoiseMixin:
         # Checked before calibrating, so that a static b > B names the user's argument.
         run_time_check = at_most("emulate_batch_size", b, "the batch size B of every step", size)
         sampler = self.noise.calibrated(b, size)
+        self.warn_if_noiseless(size)
         if not run_time_check:
             return sampler.sample(seed, size, dtype), conditions
         (b_fits, _), = run_time_check
@@ -236,8 +259,25 @@ class NoiseMixin:
         # were never drawn in this graph would be plain, noise-free descent.
         if not self._drawn.drawn_in_step(self._noise_state.value):
             raise ValueError(validation.NO_NOISE_DRAWN.format(name=type(self).__name__, count=len(grads)))
-        super().apply(grads, trainable_variables)
-        self._noise_state.assign_add(ops.convert_to_tensor([0, 1], _backend.COUNTER_DTYPE))
+        if not self.built and trainable_variables is not None:  # not inside the tf.cond below
+            self.build(trainable_variables)
+        base_apply = super().apply
+
+        def update():
+            base_apply(grads, trainable_variables)
+            self._noise_state.assign_add(ops.convert_to_tensor([0, 1], _backend.COUNTER_DTYPE))
+
+        # A failed check (recorded by a compiled step that could not raise) skips the update, like
+        # LossScaleOptimizer skips a non-finite one: the weights, slots and noise counter stay as they were.
+        _backend.run_if(ops.equal(self._noise_check.value[0], 0), update)
+
+    def save_own_variables(self, store):
+        """Keras's, without `noise_check` (run-time state), so files stay those of earlier versions."""
+        checks.save_variables(self, store, self._noise_check)
+
+    def load_own_variables(self, store):
+        """Keras's, without `noise_check`."""
+        checks.load_variables(self, store, self._noise_check)
 
     def get_config(self):
         config = super().get_config()

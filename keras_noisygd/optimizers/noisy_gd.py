@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import keras
 
+from keras_noisygd.optimizers.docs import with_noise_args
 from keras_noisygd.optimizers.mixin import NoiseMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_noisygd")
+@with_noise_args
 class NoisyGD(NoiseMixin, keras.optimizers.SGD):
     """Multiplicative-noise gradient descent (the paper's MSGD), on `keras.optimizers.SGD`.
 
@@ -31,21 +33,16 @@ class NoisyGD(NoiseMixin, keras.optimizers.SGD):
     actually sees. Train with `keras_noisygd.NoisyModel` (or `noisy(model)`);
     a stock `keras.Model` raises at the start of `fit` rather than train without noise.
 
+    Positional arguments are `keras.optimizers.SGD`'s (`NoisyGD(0.1, 0.9)` is
+    momentum 0.9); the noise arguments are keyword-only. `NoisyGD()` builds:
+    learning rate 0.01, no momentum, centred Gaussian noise emulating SGD(32).
+
     Args:
         learning_rate: A float, a schedule or a callable. Defaults to `0.01`.
-        noise: A name from `keras_noisygd.noise.NAMES`, a sampler or a sampler
-            config. Defaults to `"gaussian_centered"`.
-        emulate_batch_size: The SGD batch size `b` that a name or template noise is
-            calibrated to, against each step's batch size `B`. Defaults to `None`.
         momentum: Momentum, as in `keras.optimizers.SGD`. Defaults to `0.0`.
         nesterov: Nesterov momentum. Defaults to `False`.
-        seed: Int seed of the noise stream; `None` draws one. Defaults to `None`.
-        engine: `"weighted"` (one backward pass of the re-weighted loss) or
-            `"per_example"` (forms the per-example gradients `G`, then `G W`);
-            see `NoiseMixin`. Defaults to `"weighted"`.
-        chunk_size: Rows of `G` formed at a time by the per-example engine.
-            Defaults to `None` (all).
-        **kwargs: Other `keras.optimizers.Optimizer` arguments (`weight_decay`,
+        {{noise_args}}
+        **kwargs: Other `keras.optimizers.SGD` arguments (`weight_decay`,
             `clipnorm`, `use_ema`, `gradient_accumulation_steps`, `name`, ...).
 
     Example:
@@ -67,10 +64,11 @@ class NoisyGD(NoiseMixin, keras.optimizers.SGD):
     def __init__(
         self,
         learning_rate=0.01,
-        noise="gaussian_centered",
-        emulate_batch_size=None,
         momentum=0.0,
         nesterov=False,
+        *,
+        noise="gaussian_centered",
+        emulate_batch_size=None,
         seed=None,
         engine="weighted",
         chunk_size=None,

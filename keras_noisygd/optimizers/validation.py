@@ -6,6 +6,7 @@ import keras
 
 from keras_noisygd import noise as noise_lib
 from keras_noisygd._checks import check_int
+from keras_noisygd.optimizers.docs import DEFAULT_EMULATE_BATCH_SIZE
 
 NO_NOISE_DRAWN = (
     "{name} received gradients for a step that drew no noise weights, so it would "
@@ -45,15 +46,12 @@ def emulate_batch_size(b):
 
 
 def noise(noise, emulate_batch_size):
+    """`(sampler, b)`: the noise and the emulated batch size, `DEFAULT_EMULATE_BATCH_SIZE` for a template without one."""
     sampler = noise_lib.get(noise)
     b = emulate_batch_size
     template = getattr(sampler, "is_template", False)
     if b is None and template:
-        raise ValueError(
-            f"Argument `noise={noise!r}` names a noise class without its size: pass "
-            "`emulate_batch_size=b` to calibrate it to SGD with batch b, or a configured "
-            "sampler such as `keras_noisygd.noise.Gaussian(std=1.0)`. Received: emulate_batch_size=None"
-        )
+        b = DEFAULT_EMULATE_BATCH_SIZE
     if b is not None and not template:
         raise ValueError(
             f"Argument `emulate_batch_size` calibrates a noise template, but `noise` is already "
@@ -67,7 +65,7 @@ def noise(noise, emulate_batch_size):
             "Argument `emulate_batch_size` can be a schedule for every noise class but SGD sampling with "
             f"replacement, which needs a fixed b. Received: noise={sampler!r}, emulate_batch_size={b!r}"
         )
-    return sampler
+    return sampler, b
 
 
 ENGINES = ("weighted", "per_example")

@@ -57,13 +57,31 @@ def train_step(model, state, data):
     else:
         (_, aux), gradients = jax.value_and_grad(scaled_noisy_loss, has_aux=True)(trainable)
         clean_loss, y_pred, non_trainable, metrics_values = aux
-    trainable, optimizer_values = model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
+    new_trainable, new_optimizer_values = model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
+    trainable, optimizer_values, non_trainable = kept_if_failed(
+        model, (trainable, optimizer_values, state[1]), (new_trainable, new_optimizer_values, non_trainable)
+    )
 
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_values))) as scope:
         report_loss(model, clean_loss, batch_size, weights)
         logs = model.compute_metrics(x, y, y_pred, sample_weight)
     metrics_values = [scope.get_current_value(v) for v in model.metrics_variables]
     return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+
+def kept_if_failed(model, before, after):
+    """`after`'s `(trainable, optimizer, non-trainable)` values, or `before`'s where the draw's check failed.
+
+    A `jax.jit` step cannot raise: a failed run-time check leaves the weights,
+    slots, noise counter and layer state as they were, with the failure kept
+    in `noise_check` for `fit` to report.
+    """
+    record = find_noisy_optimizer(model.optimizer).noise_check
+    index = next(i for i, v in enumerate(model.optimizer.variables) if v is record)
+    passed = jax.numpy.equal(after[1][index][0], 0)
+    kept = [[jax.numpy.where(passed, new, old) for new, old in zip(a, b)] for a, b in zip(after, before)]
+    kept[1][index] = after[1][index]
+    return kept
 
 
 def per_example_step(model, state, data, weights):

@@ -250,8 +250,6 @@ def test_optimizer_config_round_trip(optimizer):
 
 
 BAD_OPTIMIZER_ARGS = [
-    (dict(noise="gaussian"), r"`noise='gaussian'` names a noise class without its size: pass `emulate_batch_size=b`"),
-    (dict(noise="bernoulli"), r"Received: emulate_batch_size=None"),
     (dict(noise="brownian", emulate_batch_size=2), r"Argument `noise` must be one of .*Received: noise='brownian'"),
     (dict(noise=1.0, emulate_batch_size=2), r"Argument `noise` must be a noise name.*Received: noise=1.0"),
     (dict(emulate_batch_size=0), r"Argument `emulate_batch_size` must be None, an integer >= 1 or a `keras.optimizers.schedules.LearningRateSchedule` of the update step. Received: emulate_batch_size=0"),
