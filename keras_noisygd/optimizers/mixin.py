@@ -123,10 +123,8 @@ class NoiseMixin:
         so the replicas' weights are those of one single-device step on the
         global batch: the noise is calibrated to SGD(`b`) out of the global
         batch size, and coupled noise classes (centred, SGD sampling) stay
-        coupled across replicas. The global size and this replica's offset
-        come from an `all_gather` of the local batch sizes, so uneven splits are
-        covered; a global batch smaller than `b` is then only known at run
-        time and gets `m = 1`.
+        coupled across replicas. The global size and offset come from an
+        `all_gather` of the local sizes, so uneven splits are covered.
 
         Args:
             batch_size: Number `B` of examples in the step (in this replica's
