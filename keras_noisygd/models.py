@@ -206,8 +206,8 @@ class NoisyWrapper(NoisyModel):
         super().__init__(**kwargs)
         self.model = model
 
-    def call(self, inputs, training=None):
-        return self.model(inputs, training=training)
+    def call(self, inputs, training=None, **kwargs):
+        return self.model(inputs, training=training, **kwargs)  # the model's own call arguments (masks, ...)
 
     def get_config(self):
         return {"model": keras.saving.serialize_keras_object(self.model), "name": self.name}
@@ -244,7 +244,24 @@ def noisy(model):
     if _is_functional(model):
         # `input`/`output` keep dict and nested structures; `inputs`/`outputs` are flat lists.
         return NoisyModel(model.input, model.output, name=model.name)
-    return NoisyWrapper(model, name=model.name)
+    own = [m for m in ("train_step", "compute_loss", "compute_metrics") if _overrides(model, m)]
+    if own:
+        raise ValueError(
+            f"Argument `model` overrides {own}, which a wrapper would drop: `noisy()` cannot keep them. Add the "
+            "noise in your own train_step instead: draw `weights = self.optimizer.noise_weights(batch_size)` "
+            "(on JAX `optimizer.stateless_noise_weights(optimizer_variables, batch_size)`) and pass them as "
+            "`sample_weight` to your loss, or use `keras_noisygd.noisy_gradients` (docs/quickstart.md, \"Your own "
+            f"train_step\"). Received: model={type(model).__name__}"
+        )
+    wrapper = NoisyWrapper(model, name=model.name)
+    if model.built:
+        wrapper.built = True
+    return wrapper
+
+
+def _overrides(model, method):
+    """Whether `model`'s class defines `method` itself, rather than inheriting Keras's."""
+    return getattr(type(model), method) is not getattr(keras.Model, method)
 
 
 def _is_functional(model):

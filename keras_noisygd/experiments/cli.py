@@ -25,6 +25,12 @@ PRESETS = {
     "fashion-mnist-paper": ("compare", _FASHION_PAPER),
     # Zhu et al.'s harder setting, the reference code's "cl1000cr200": 200 more images with random labels.
     "fashion-mnist-corrupted": ("compare", dict(_FASHION_PAPER, random_labels=200)),
+    # Claim 2 on Fashion-MNIST: all 10,000 images of the official test file, 2,000 of them with random labels
+    # (so that memorising matters), b = 50 against B = 1,000.
+    "fashion-mnist-large-batch": ("large-batch", dict(
+        _FASHION_PAPER, train_size=8000, random_labels=2000, large_batch_size=1000, steps=2000,
+        noise=["gaussian_centered", "bernoulli"],
+    )),
     # The paper's Figure 3(a): sparse Gaussian noise with k = 10, 50, 100, 1000 noisy examples per step.
     "fashion-mnist-sparse": ("compare", dict(_FASHION_PAPER, noise=[
         f"{name}:{k}" for name in ("sparse_gaussian", "sparse_gaussian_centered") for k in (10, 50, 100, 1000)

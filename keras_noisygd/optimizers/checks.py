@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+import keras
 from keras import ops
 
 from keras_noisygd import _backend
@@ -64,6 +65,16 @@ def message(record_value, messages):
         return None
     parts, filled = messages.get(code, [SAMPLER_CHECK]), iter(values)
     return " ".join(p if isinstance(p, str) else str(next(filled, "?")) for p in parts)
+
+
+def emulated_batch_size(b, update):
+    """`(b, run-time conditions)` at `update`: `None`, an int, or a schedule's rounded value (float32)."""
+    if not isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
+        return b, []
+    value = ops.round(ops.cast(b(update), "float32"))
+    message = ["Argument `emulate_batch_size` (a schedule) must give values >= 1. Received: emulate_batch_size=",
+               value, "at update", update]
+    return value, [(ops.greater_equal(value, 1), message)]
 
 
 def is_noiseless(noise, b, update_size):

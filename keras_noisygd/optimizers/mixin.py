@@ -190,12 +190,18 @@ class NoiseMixin:
                 name=type(self).__name__, noise=self.noise.name, b=self.emulate_batch_size, B=int(update_size)
             ), stacklevel=3)
 
+    def stateless_noise_weights(self, optimizer_variables, batch_size, dtype="float32"):
+        """`(weights, optimizer_variables)`: `noise_weights` for a stateless (JAX) loop, from and to the values."""
+        with keras.StatelessScope(state_mapping=list(zip(self.variables, optimizer_variables))) as scope:
+            weights = self.noise_weights(batch_size, dtype)
+        return weights, [scope.get_current_value(v) for v in self.variables]
+
     def current_emulate_batch_size(self):
         """The SGD batch size `b` the next update emulates (a schedule's current value), or `None`."""
         if not isinstance(self.emulate_batch_size, keras.optimizers.schedules.LearningRateSchedule):
             return self.emulate_batch_size  # fixed: no need to read the update counter
         update, _ = self._update_position()
-        b, _ = self._emulated_batch_size(update)
+        b, _ = checks.emulated_batch_size(self.emulate_batch_size, update)
         return b if b is None or isinstance(b, int) else int(ops.convert_to_numpy(b))
 
     def _update_position(self):
@@ -214,20 +220,10 @@ class NoiseMixin:
                    "examples in an update whose first micro-batch had", expected]
         return [(ops.equal(size, expected), message)]
 
-    def _emulated_batch_size(self, update):
-        """`(b, run-time conditions)` at `update`: `None`, an int, or a schedule's rounded value (float32)."""
-        b = self.emulate_batch_size
-        if not isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
-            return b, []
-        value = ops.round(ops.cast(b(update), "float32"))
-        message = ["Argument `emulate_batch_size` (a schedule) must give values >= 1. Received: emulate_batch_size=",
-                   value, "at update", update]
-        return value, [(ops.greater_equal(value, 1), message)]
-
     def _draw_update(self, update, size, dtype):
         """`(weights, run-time conditions)`: the draw of update `update`, of `size` examples in all."""
         seed = ops.stack([self._noise_state.value[0], ops.cast(update, _backend.COUNTER_DTYPE)])
-        b, conditions = self._emulated_batch_size(update)
+        b, conditions = checks.emulated_batch_size(self.emulate_batch_size, update)
         if b is None:
             return self.noise.sample(seed, size, dtype), conditions
         if is_static(b) and is_static(size):
