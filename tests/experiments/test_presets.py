@@ -101,3 +101,17 @@ def test_missing_fashion_mnist_is_one_clear_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("keras-noisygd compare: error: Could not find fashion_mnist's IDX files"), err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_every_flag_is_documented_in_docs_cli_md():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    for command in ("compare", "large-batch"):
+        sub = cli.parser()._subparsers._group_actions[0].choices[command]
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}`" in text, f"{command} {flag} is not in docs/cli.md"
+    for name in cli.PRESETS:
+        assert f"`{name}`" in text, name
