@@ -91,6 +91,9 @@ def guarded(weights, conditions):
     return ops.where(all_ok, weights, ops.cast(float("nan"), weights.dtype))
 
 
+EMPTY_BATCH = "Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size="
+
+
 def check_batch_size(batch_size):
     """`batch_size`, refused if empty: now for a Python int, at run time for a tensor (`_backend.asserted`).
 
@@ -99,6 +102,5 @@ def check_batch_size(batch_size):
     """
     if not ops.is_tensor(batch_size):
         return check_int("batch_size", batch_size, 1)
-    message = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size=",
-               batch_size]
+    message = [EMPTY_BATCH, batch_size]
     return _backend.asserted(batch_size, [(batch_size >= 1, message)])

@@ -23,7 +23,6 @@ MICRO_BATCH = (
     "number of training examples (`keras_noisygd.micro_batches(len(x), max_batch_size)` finds one), or "
     "batch a dataset with `drop_remainder=True`."
 )
-EMPTY_BATCH = ["Argument `batch_size` must be >= 1: an empty batch has no examples to weight. Received: batch_size="]
 SAMPLER_CHECK = (
     "The noise sampler's run-time check failed (its weights were not finite), e.g. a sparse class's "
     "`num_noisy` or SGD sampling's `batch_size` larger than the step's batch"

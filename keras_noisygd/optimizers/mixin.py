@@ -17,7 +17,7 @@ from keras import ops
 
 from keras_noisygd import _backend
 from keras_noisygd import noise as noise_lib
-from keras_noisygd._checks import at_most, check_batch_size, check_int, guarded, is_static
+from keras_noisygd._checks import EMPTY_BATCH, at_most, check_batch_size, check_int, guarded, is_static
 from keras_noisygd.optimizers import checks, validation
 from keras_noisygd.optimizers.docs import with_noise_args
 
@@ -148,7 +148,7 @@ class NoiseMixin:
         weights, schedule_conditions = self._draw_update(update, update_size, dtype)
         conditions = conditions + schedule_conditions
         if ops.is_tensor(batch_size):  # an empty batch (TensorFlow's traced step sees its size at run time)
-            conditions.append((ops.greater_equal(batch_size, 1), checks.EMPTY_BATCH + [batch_size]))
+            conditions.append((ops.greater_equal(batch_size, 1), [EMPTY_BATCH, batch_size]))
         checks.record(self._noise_check, self._check_messages, conditions, weights)
         weights = guarded(weights, conditions)
         if offset is None:
