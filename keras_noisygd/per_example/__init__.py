@@ -38,10 +38,12 @@ The package:
 * `losses.py`: the loss adapter (per-example values of the compiled loss);
 * `layer_rows.py`: the layer path (a capture model, one batched pass, the
   rows and their check); `gram.py`: `K = G G^T` from it, or from `G`;
-* `rules/`: one module per layer type and the explicit table `RULES`.
+* `rules/`: one module per layer type and the explicit table `RULES`;
+  `register_rule(layer_type, rule)` adds a user's rule (the `Rule` contract).
 """
 
 from keras_noisygd.per_example.compute import compute, per_example_gradients
 from keras_noisygd.per_example.result import METHODS, PerExample
+from keras_noisygd.per_example.rules import Rule, register_rule
 
-__all__ = ["per_example_gradients", "METHODS", "compute", "PerExample"]
+__all__ = ["per_example_gradients", "METHODS", "compute", "PerExample", "Rule", "register_rule"]

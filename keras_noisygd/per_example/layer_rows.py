@@ -56,7 +56,7 @@ _PLANS = weakref.WeakKeyDictionary()  # model -> (its trainable variables, its p
 def cached_plan(model, rules=None):
     """`plan(model, rules)`, built once per model, set of trainable variables and table of rules."""
     rules = rules_lib.RULES if rules is None else rules
-    key = (tuple(id(v) for v in model.trainable_variables), id(rules))
+    key = (tuple(id(v) for v in model.trainable_variables), id(rules), tuple(rules.items()))  # registrations too
     cached = _PLANS.get(model)
     if cached is None or cached[0] != key:
         cached = _PLANS[model] = (key, plan(model, rules))

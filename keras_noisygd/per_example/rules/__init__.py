@@ -34,7 +34,7 @@ from keras_noisygd.per_example.rules.dense import DenseRule
 from keras_noisygd.per_example.rules.embedding import EmbeddingRule
 from keras_noisygd.per_example.rules.layer_normalization import LayerNormalizationRule
 
-__all__ = ["RULES", "rule_for", "Rule", "Gradients"]
+__all__ = ["RULES", "register_rule", "rule_for", "Rule", "Gradients"]
 
 RULES = {
     keras.layers.Dense: DenseRule,
@@ -43,18 +43,60 @@ RULES = {
     keras.layers.Embedding: EmbeddingRule,
     keras.layers.LayerNormalization: LayerNormalizationRule,
 }
-"""The layer rules by exact layer type."""
+"""The layer rules by layer type (`register_rule` adds to it)."""
+
+
+def register_rule(layer_type, rule):
+    """Makes `rule` the per-example rule of `layer_type`, so the layer path (rows, `NoiseMonitor`'s Gram
+    matrix) covers models with it instead of forming `G`.
+
+    `rule` is a `Rule` subclass: the class methods `covers(layer, input_shape)`,
+    `variables(layer)`, `checked(layer)` and `capture(layer, a, out, grads,
+    values)`, and the instance methods `rows()` (one `[B, *variable.shape]`
+    tensor per variable, in `variables` order) and `rebuilt()` (the batch
+    gradient of `checked(layer)` from the same values, compared with the
+    backward pass's at every use; a mismatch above `layer_rows.TOLERANCE`
+    makes the caller form `G`); `gram()` and `cross(shared)` default to
+    products of the rows. See `DenseRule` for a complete one.
+
+    A subclass of `layer_type` is covered too when it keeps `layer_type`'s
+    `call` (not overridden), the only case where the rule still describes
+    what the layer computes.
+
+    Raises:
+        ValueError: `layer_type` is not a `keras.layers.Layer` class or `rule`
+            not a `Rule` subclass.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)):
+        raise ValueError(f"Argument `layer_type` must be a keras.layers.Layer subclass. Received: layer_type={layer_type!r}")
+    if not (isinstance(rule, type) and issubclass(rule, Rule)):
+        raise ValueError(
+            f"Argument `rule` must be a subclass of keras_noisygd.per_example.rules.Rule. Received: rule={rule!r}"
+        )
+    RULES[layer_type] = rule
+
+
+def _lookup(table, layer):
+    """The rule of `layer`'s type, else of a registered base class whose `call` it keeps."""
+    rule = table.get(type(layer))
+    if rule is not None:
+        return rule
+    for base, candidate in table.items():
+        if isinstance(layer, base) and type(layer).call is base.call:
+            return candidate
+    return None
 
 
 def rule_for(layer, input_shape, rules=None):
     """The rule class for `layer` with inputs of `input_shape`, or `None` (not covered: the caller forms `G`).
 
-    `rules` is a table `{layer class: rule class}`, `RULES` by default. Layer
-    types match exactly: a subclass may compute something else. A layer with
+    `rules` is a table `{layer class: rule class}`, `RULES` by default. A
+    subclass of a listed type matches only where it keeps that type's `call`
+    (it may compute something else otherwise). A layer with
     LoRA, quantization or a compute dtype other than its variables' dtype
     (mixed precision) is not covered.
     """
-    rule = (RULES if rules is None else rules).get(type(layer))
+    rule = _lookup(RULES if rules is None else rules, layer)
     if rule is None or not rule.covers(layer, input_shape):
         return None
     plain = (
