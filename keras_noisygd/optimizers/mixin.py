@@ -90,7 +90,7 @@ class NoiseMixin:
         self._check_messages = {}  # code -> the message's parts, recorded at trace time
         self._drawn = _backend.DrawRecord()
         self._full_update_seen = False  # whether an update of at least `emulate_batch_size` examples was drawn
-        self._warned_noiseless = False
+        self._warned_noiseless, self.checks_in_step = False, False  # the latter: set by each draw
 
     @property
     def noise_state(self):
@@ -150,6 +150,7 @@ class NoiseMixin:
         if ops.is_tensor(batch_size):  # an empty batch (TensorFlow's traced step sees its size at run time)
             conditions.append((ops.greater_equal(batch_size, 1), [EMPTY_BATCH, batch_size]))
         checks.record(self._noise_check, self._check_messages, conditions, weights)
+        self.checks_in_step = bool(conditions)  # only then is the update conditional (a tf.cond costs 3x)
         weights = guarded(weights, conditions)
         if offset is None:
             return weights
@@ -263,7 +264,10 @@ class NoiseMixin:
 
         # A failed check (recorded by a compiled step that could not raise) skips the update, like
         # LossScaleOptimizer skips a non-finite one: the weights, slots and noise counter stay as they were.
-        _backend.run_if(ops.equal(self._noise_check.value[0], 0), update)
+        if self.checks_in_step:
+            _backend.run_if(ops.equal(self._noise_check.value[0], 0), update)
+        else:
+            update()
 
     def save_own_variables(self, store):
         """Keras's, without `noise_check` (run-time state), so files stay those of earlier versions."""

@@ -58,9 +58,11 @@ def train_step(model, state, data):
         (_, aux), gradients = jax.value_and_grad(scaled_noisy_loss, has_aux=True)(trainable)
         clean_loss, y_pred, non_trainable, metrics_values = aux
     new_trainable, new_optimizer_values = model.optimizer.stateless_apply(optimizer_values, gradients, trainable)
-    trainable, optimizer_values, non_trainable = kept_if_failed(
-        model, (trainable, optimizer_values, state[1]), (new_trainable, new_optimizer_values, non_trainable)
-    )
+    if find_noisy_optimizer(model.optimizer).checks_in_step:
+        new_trainable, new_optimizer_values, non_trainable = kept_if_failed(
+            model, (trainable, optimizer_values, state[1]), (new_trainable, new_optimizer_values, non_trainable)
+        )
+    trainable, optimizer_values = new_trainable, new_optimizer_values
 
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_values))) as scope:
         report_loss(model, clean_loss, batch_size, weights)
