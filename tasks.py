@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 EXTRAS = {"demo": "examples", "test": "test,examples,docs", "bench": "examples,bench", "docs": "docs"}
-BENCHMARKS = ("step_time", "per_example", "long_run", "full_batch", "monitor_cost")
+BENCHMARKS = ("step_time", "main_job", "per_example", "long_run", "full_batch", "monitor_cost")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
 
 

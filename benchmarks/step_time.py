@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -100,6 +101,29 @@ def build(layers_fn, model_class, optimizer, jit_compile):
     return model
 
 
+def train_gflop(model, batch_size):
+    """GFLOP of one training step: 3x the multiply-adds of the forward pass (forward, input and weight
+    gradients), counted from the Conv2D and Dense layers (pooling, activations and the loss are <1% here)."""
+    macs = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            macs += int(np.prod(layer.output.shape[1:])) * kh * kw * cin
+        elif isinstance(layer, keras.layers.Dense):
+            macs += int(np.prod(layer.kernel.shape))
+    return 3 * 2 * macs * batch_size / 1e9
+
+
+def matmul_gflops(size=2048, repeats=10):
+    """This CPU's practical float32 peak: GFLOP/s of a NumPy (BLAS) `size x size` matmul on every core."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def seconds_per_step(model, data, steps):
     return _in_fit(model, data, steps, warmup=20)  # a multiple of EXECUTION on every backend
 
@@ -109,7 +133,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--noise", default="gaussian_centered", help="noise name, emulating SGD(b=32)")
+    parser.add_argument("--noise", default="gaussian_centered", help="noise name (default %(default)s)")
+    parser.add_argument("--emulate-batch-size", type=int, default=32, help="the SGD batch b the noise emulates (default 32)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--engine", default="weighted", choices=["weighted", "per_example"], help="the noisy model's engine")
     parser.add_argument("--xla", default=None, choices=["both", "on", "off"],
@@ -119,9 +144,11 @@ def main(argv=None):
     if args.steps % EXECUTION:
         parser.error(f"--steps must be a multiple of {EXECUTION} (steps_per_execution). Received: {args.steps}")
 
-    print(f"backend {keras.backend.backend()}, batch {args.batch_size}, noise {args.noise} ~ SGD(32), engine {args.engine}, "
-          f"{args.steps} steps x {args.rounds} rounds (median)")
-    print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14}")
+    peak = matmul_gflops()
+    print(f"backend {keras.backend.backend()}, batch {args.batch_size}, noise {args.noise} ~ SGD({args.emulate_batch_size}), "
+          f"engine {args.engine}, {args.steps} steps x {args.rounds} rounds (median); float32 matmul peak {peak:.0f} GFLOP/s")
+    print(f"{'model':<20} {'xla':<5} {'stock ms':>9} {'noisy ms':>9} {'ratio':>7} {'ratio p25-p75':>14} "
+          f"{'noisy GFLOP/s':>13} {'% peak':>6}")
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
         layers_fn, (x, y), data = synthetic_batch(name, args.batch_size, rng)
@@ -129,7 +156,7 @@ def main(argv=None):
             stock = build(layers_fn, keras.Sequential, keras.optimizers.SGD(0.01), jit_compile)
             noisy = build(
                 layers_fn, kn.NoisySequential,
-                kn.NoisyGD(0.01, noise=args.noise, emulate_batch_size=32, seed=0, engine=args.engine), jit_compile,
+                kn.NoisyGD(0.01, noise=args.noise, emulate_batch_size=args.emulate_batch_size, seed=0, engine=args.engine), jit_compile,
             )
             for model in (stock, noisy):  # trace and compile outside the timing
                 seconds_per_step(model, data, 20)
@@ -140,10 +167,11 @@ def main(argv=None):
                     times[key].append(seconds_per_step(stock if key == "stock" else noisy, data, args.steps))
             ratios = [n / s for n, s in zip(times["noisy"], times["stock"])]
             quartiles = statistics.quantiles(ratios, n=4)
+            gflops = train_gflop(stock, args.batch_size) / statistics.median(times["noisy"])
             print(
                 f"{name:<20} {str(jit_compile):<5} {1e3 * statistics.median(times['stock']):>9.3f} "
                 f"{1e3 * statistics.median(times['noisy']):>9.3f} {statistics.median(ratios):>7.3f} "
-                f"{quartiles[0]:>7.3f}-{quartiles[2]:.3f}"
+                f"{quartiles[0]:>7.3f}-{quartiles[2]:.3f} {gflops:>13.1f} {100 * gflops / peak:>6.1f}"
             )
 
 

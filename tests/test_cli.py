@@ -29,10 +29,19 @@ def test_compare_writes_a_table_csv_json_and_plot(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["n"] == 64 and len(results["summary"]) == 4
     for run in results["runs"]:
-        assert [step for step, _ in run["curve"]] == [10, 20]
-        assert 0.0 <= run["test_acc"] <= 1.0 and run["curve"][-1][1] == run["test_acc"]
+        assert [p["updates"] for p in run["curve"]] == [10, 20]
+        # The last point is the trained model on the same examples (no --curve-size: all of them).
+        last = run["curve"][-1]
+        assert last["test_acc"] == run["test_acc"] and last["train_acc"] == run["train_acc"]
+        assert last["test_loss"] == pytest.approx(run["test_loss"]) and last["train_loss"] == pytest.approx(run["train_loss"])
         assert run["gap"] == pytest.approx(run["train_acc"] - run["test_acc"])
-    assert (tmp_path / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        assert run["seconds"] > 0 and run["compile_seconds"] >= 0  # two chunks: the first one's excess is compilation
+    curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
+    assert len(curves) == 4 * 2 * 2 and set(curves[0]) == {"method", "seed", "updates", "train_loss", "train_acc", "test_loss", "test_acc"}
+    first = results["runs"][0]
+    assert float(curves[0]["test_loss"]) == pytest.approx(first["curve"][0]["test_loss"])
+    for name in ("test_accuracy.png", "train_test.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "summary.md").read_text()
     acc = {r["method"]: r["test_acc"] for r in results["summary"]}
     assert f"| GD+bernoulli | {acc['GD+bernoulli']:.4f}" in summary
@@ -157,9 +166,10 @@ def test_micro_batches_train_the_same_updates_as_whole_batches(method, ghost):
     # draw, data order or batch-norm grouping would move the weights by ~1e-2.
     for a, b in zip(whole, split):
         np.testing.assert_allclose(b, a, atol=1e-4)
-    assert [u for u, _ in split_curve] == [u for u, _ in whole_curve] == [3, 6]  # the curve counts updates
+    assert [p["updates"] for p in split_curve] == [p["updates"] for p in whole_curve] == [3, 6]  # the curve counts updates
     if ghost is None:  # with batch norm the test accuracy also depends on the moving statistics
-        assert [acc for _, acc in split_curve] == pytest.approx([acc for _, acc in whole_curve], abs=0.02)
+        for key in ("test_acc", "train_acc"):
+            assert [p[key] for p in split_curve] == pytest.approx([p[key] for p in whole_curve], abs=0.02)
 
 
 def test_compare_with_micro_batches_records_them(tmp_path, capsys):
@@ -169,7 +179,7 @@ def test_compare_with_micro_batches_records_them(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["config"]["micro_batch_size"] == 16
     for run in results["runs"]:
-        assert [step for step, _ in run["curve"]] == [10, 20] and run["steps"] == 20
+        assert [p["updates"] for p in run["curve"]] == [10, 20] and run["steps"] == 20
 
 
 @pytest.mark.parametrize(

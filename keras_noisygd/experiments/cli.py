@@ -85,7 +85,9 @@ def parser(preset=None):
         sub.add_argument("--noise", nargs="+", default=preset["noise"],
                          help=f"noise classes (default: all of {NOISES}); a sparse class takes its number k of "
                               "noisy examples per step after a colon, e.g. sparse_gaussian:10 (default k = b)")
-        sub.add_argument("--seeds", type=int, default=preset["seeds"], help="seeds 0..N-1 (default %(default)s)")
+        sub.add_argument("--seeds", nargs="+", default=[str(preset["seeds"])],
+                         help="one number N: seeds 0..N-1; several: those seeds (e.g. --seeds 3 4); A:B: seeds A..B-1 "
+                              "(default %(default)s)")
         sub.add_argument("--curve-size", type=int, default=preset.get("curve_size"),
                          help="test examples (the first ones) the curve is measured on; the final test accuracy "
                               "uses all (default: all)")
@@ -100,7 +102,10 @@ def parser(preset=None):
         sub.add_argument("--resume", action="store_true",
                          help="keep the runs already in OUT/runs.jsonl (same settings) and train only the others: "
                               "a long comparison can be stopped and continued, or run in parts")
-        sub.add_argument("--no-xla", action="store_true", help="train without jit_compile (XLA is on by default)")
+        sub.add_argument("--xla", choices=["auto", "on", "off"], default="auto",
+                         help="jit_compile: 'auto' picks what was measured fastest on this kind of machine "
+                              "(runner.fastest_jit_compile; default %(default)s)")
+        sub.add_argument("--no-xla", action="store_const", const="off", dest="xla", help="the same as --xla off")
     large_preset = dict(PRESETS["large-batch"][1], **PRESETS.get(preset_name, ("", {}))[1])
     large.add_argument("--large-batch-size", "-B", type=int, default=large_preset["large_batch_size"], help="B (default %(default)s)")
     large.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default %(default)s)")
@@ -138,25 +143,29 @@ def prepare(args):
     dataset = data.load(args.data or args.dataset, args.num_samples, args.data_dir, args.split, args.pixels)
     dataset = dataset.with_random_labels(args.train_size, args.random_labels)
     n = len(dataset.x_train)
+    args.seeds = seeds(args.seeds)
+    jit_compile = {"on": True, "off": False}.get(args.xla)
+    if jit_compile is None:
+        jit_compile = runner.fastest_jit_compile(args.model)
     if args.command == "compare":
         methods = runner.compare_methods(n, args.batch_size, args.noise)
         config = runner.Config(
             args.model, args.steps, args.lr, args.momentum, eval_every=args.eval_every, width=args.width,
-            jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size, curve_size=args.curve_size,
+            jit_compile=jit_compile, micro_batch_size=args.micro_batch_size, curve_size=args.curve_size,
         )
         title = f"{dataset.name}, n={n}: GD vs SGD(b={args.batch_size}) vs noisy GD"
     else:
         methods = runner.large_batch_methods(n, args.batch_size, args.large_batch_size, args.noise)
         config = runner.Config(
             args.model, args.steps, args.lr, args.momentum, args.weight_decay, args.ghost_batch_size,
-            args.eval_every, args.width, jit_compile=not args.no_xla, micro_batch_size=args.micro_batch_size,
+            args.eval_every, args.width, jit_compile=jit_compile, micro_batch_size=args.micro_batch_size,
             curve_size=args.curve_size,
         )
         title = f"{dataset.name}, n={n}: SGD(b={args.batch_size}) vs SGD(B={args.large_batch_size}) (+ noise)"
     if args.curve_size is not None and args.curve_size < 1:
         raise ValueError(f"Argument `curve_size` must be >= 1. Received: curve_size={args.curve_size}")
-    if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
-        raise ValueError(f"Arguments `seeds`, `steps` and `eval_every` must be >= 1. Received: {args.seeds}, {args.steps}, {args.eval_every}")
+    if args.steps < 1 or args.eval_every < 1:
+        raise ValueError(f"Arguments `steps` and `eval_every` must be >= 1. Received: {args.steps}, {args.eval_every}")
     if args.steps % args.eval_every:
         # Keras runs `steps_per_execution` steps at a time: a partial last chunk would train past `steps`.
         raise ValueError(
@@ -168,22 +177,44 @@ def prepare(args):
     return dataset, methods, config, title
 
 
+def seeds(values):
+    """The seeds `--seeds` names: `["N"]` is 0..N-1, `["A:B"]` is A..B-1, several numbers are those seeds."""
+    try:
+        if len(values) == 1 and ":" in values[0]:
+            start, stop = (int(v) for v in values[0].split(":"))
+            chosen = list(range(start, stop))
+        elif len(values) == 1:
+            chosen = list(range(int(values[0])))
+        else:
+            chosen = [int(v) for v in values]
+    except ValueError:
+        chosen = []
+    if not chosen or min(chosen) < 0 or len(set(chosen)) < len(chosen):
+        raise ValueError(
+            "Argument `seeds` must be a count N >= 1 (seeds 0..N-1), A:B with 0 <= A < B (seeds A..B-1), or "
+            f"several distinct seeds >= 0. Received: --seeds {' '.join(values)}"
+        )
+    return chosen
+
+
 def run(args, dataset, methods, config, title, journal):
     """Trains every (seed, method) not in `journal` yet, prints the table and writes the files."""
-    import keras
+    from keras_noisygd.experiments import progress, runner
 
-    from keras_noisygd.experiments import runner
-
-    print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds 0..{args.seeds - 1}", flush=True)
-    progress = keras.utils.Progbar(len(methods) * args.seeds, unit_name="run", stateful_metrics=["test_acc"])
-    runs = []
-    for seed in range(args.seeds):
+    print(f"{title}; model {args.model}, {args.steps} steps, lr {args.lr}, seeds {args.seeds}, "
+          f"jit_compile={config.jit_compile}", flush=True)
+    runs, total = [], len(methods) * len(args.seeds)
+    for seed in args.seeds:
         for method in methods:
+            label = f"run {len(runs) + 1}/{total}: {method.label}, seed {seed}"
             run_ = journal.get(method.label, seed)
             if run_ is None:
-                run_ = journal.add(runner.train(dataset, method, config, seed))
+                print(label, flush=True)
+                bar = progress.Progress(config.steps, runner.micro_steps(method, config))
+                run_ = journal.add(runner.train(dataset, method, config, seed, callbacks=[bar]))
+            else:
+                print(f"{label}: in {journal.path} (test acc {run_['test_acc']:.4f})", flush=True)
             runs.append(run_)
-            progress.add(1, values=[("test_acc", run_["test_acc"])])
     print(report.table(report.summarize(runs)))
     # The gap each noisy method should close: GD -> SGD(b), or SGD(B) -> SGD(b).
     baseline, target = (methods[0], methods[1]) if args.command == "compare" else (methods[1], methods[0])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = ("method", "seed", "train_acc", "test_acc", "gap", "steps", "seconds")
+COLUMNS = ("method", "seed", "train_acc", "test_acc", "gap", "train_loss", "test_loss", "steps", "seconds", "compile_seconds")
+CURVE_COLUMNS = ("method", "seed", "updates", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
 # Settings that do not change what a run computes: a resumed comparison may differ in these.
@@ -63,8 +64,8 @@ def summarize(runs):
     summary = []
     for method, group in grouped.items():
         row = {"method": method, "seeds": len(group)}
-        for key in ("test_acc", "train_acc", "gap", "steps", "seconds"):
-            values = np.array([r[key] for r in group], float)
+        for key in ("test_acc", "train_acc", "gap", "steps", "seconds", "compile_seconds"):
+            values = np.array([np.nan if r.get(key) is None else r[key] for r in group], float)  # older journals lack some
             row[key], row[key + "_std"] = float(values.mean()), float(values.std())
         summary.append(row)
     return summary
@@ -73,11 +74,11 @@ def summarize(runs):
 def table(summary):
     """The summary as a plain-text table."""
     width = max(len("method"), *(len(r["method"]) for r in summary))
-    lines = [f"{'method':<{width}}  {'test acc':>17}  {'train acc':>9}  {'gap':>7}  {'steps':>6}  {'s/run':>6}"]
+    lines = [f"{'method':<{width}}  {'test acc':>17}  {'train acc':>9}  {'gap':>7}  {'steps':>6}  {'train s':>7}  {'compile s':>9}"]
     for r in summary:
         lines.append(
             f"{r['method']:<{width}}  {r['test_acc']:>8.4f} ± {r['test_acc_std']:.4f}  {r['train_acc']:>9.4f}  "
-            f"{r['gap']:>7.4f}  {r['steps']:>6.0f}  {r['seconds']:>6.1f}"
+            f"{r['gap']:>7.4f}  {r['steps']:>6.0f}  {r['seconds']:>7.1f}  {_seconds(r['compile_seconds']):>9}"
         )
     return "\n".join(lines)
 
@@ -92,7 +93,8 @@ def markdown(summary, baseline, target):
     rows = {r["method"]: r for r in summary}
     gap = rows[target]["test_acc"] - rows[baseline]["test_acc"]
     no_gap = abs(gap) <= max(rows[baseline]["test_acc_std"], rows[target]["test_acc_std"])
-    lines = ["| method | test acc | train acc | gap | s/run | share of the gap closed |", "|---|---|---|---|---|---|"]
+    lines = ["| method | test acc | train acc | gap | train s | compile s | share of the gap closed |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary:
         if r["method"] in (baseline, target):
             share = ""
@@ -102,28 +104,50 @@ def markdown(summary, baseline, target):
             share = f"{100 * (r['test_acc'] - rows[baseline]['test_acc']) / gap:.0f}%"
         lines.append(
             f"| {r['method']} | {r['test_acc']:.4f} ± {r['test_acc_std']:.4f} | {r['train_acc']:.4f} | "
-            f"{r['gap']:.4f} | {r['seconds']:.1f} | {share} |"
+            f"{r['gap']:.4f} | {r['seconds']:.1f} | {_seconds(r.get('compile_seconds'))} | {share} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _seconds(value):
+    return "-" if value is None or np.isnan(value) else f"{value:.1f}"
+
+
+def points(run):
+    """A run's learning curve as dicts; a journal written before 2026-12-06 holds `(updates, test_acc)` pairs."""
+    return [p if isinstance(p, dict) else dict(updates=p[0], test_acc=p[1]) for p in run["curve"]]
+
+
 def write(out_dir, config, runs, title, baseline, target):
-    """Writes runs.csv, results.json, summary.md and test_accuracy.png into `out_dir`; returns their paths."""
+    """Writes runs.csv, curves.csv, results.json, summary.md, test_accuracy.png and train_test.png into `out_dir`.
+
+    Returns their paths.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
+    with open(out / "curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(dict(method=run["method"], seed=run["seed"], **p) for run in runs for p in points(run))
     summary = summarize(runs)
     (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=2))
     (out / "summary.md").write_text(markdown(summary, baseline, target))
-    plot(runs, out / "test_accuracy.png", title)
-    return [out / "runs.csv", out / "results.json", out / "summary.md", out / "test_accuracy.png"]
+    plot(runs, out / "test_accuracy.png", title, [("test_acc", "test accuracy")])
+    plot(runs, out / "train_test.png", title, [("train_acc", "train accuracy"), ("test_acc", "test accuracy"),
+                                               ("train_loss", "train loss"), ("test_loss", "test loss")])
+    return [out / name for name in ("runs.csv", "curves.csv", "results.json", "summary.md", "test_accuracy.png", "train_test.png")]
 
 
-def plot(runs, path, title):
-    """Mean test accuracy against steps per method, with a band of +-1 std over seeds."""
+def plot(runs, path, title, panels):
+    """One panel per `(key, label)` of `panels`: the mean over seeds against the update, per method, with a +-1 std band.
+
+    Four panels are drawn 2 x 2 (train beside test); a key the runs lack (an
+    older journal's) leaves its panel empty.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,17 +155,23 @@ def plot(runs, path, title):
 
     curves = defaultdict(list)
     for run in runs:
-        curves[run["method"]].append(run["curve"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, group in curves.items():
-        steps = np.array([s for s, _ in group[0]])
-        acc = np.array([[a for _, a in curve] for curve in group])
-        mean, std = acc.mean(0), acc.std(0)
-        (line,) = ax.plot(steps, mean, label=method, lw=2 if "+" not in method else 1.2)
-        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="training step", ylabel="test accuracy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        curves[run["method"]].append(points(run))
+    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols if cols < 2 else 11, 4.5 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        for i, (method, group) in enumerate(curves.items()):
+            if any(key not in p for curve in group for p in curve):
+                continue
+            steps = np.array([p["updates"] for p in group[0]])
+            values = np.array([[p[key] for p in curve] for curve in group])
+            mean, std = values.mean(0), values.std(0)
+            (line,) = ax.plot(steps, mean, label=method, color=f"C{i}", lw=2 if "+" not in method else 1.2)
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        ax.set(xlabel="update", ylabel=label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

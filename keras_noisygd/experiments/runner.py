@@ -38,7 +38,7 @@ class Config:
     ghost_batch_size: Optional[int] = None
     eval_every: int = 100
     width: Optional[int] = None  # the model's default (architectures.DEFAULT_WIDTH)
-    jit_compile: bool = True  # Keras's "auto" turns XLA off on CPU; it is ~30% faster here
+    jit_compile: bool = True  # see `fastest_jit_compile`
     micro_batch_size: Optional[int] = None  # larger batches are trained in micro-batches of this size
     curve_size: Optional[int] = None  # test examples for the curve (the first ones; the final accuracy uses all)
 
@@ -115,15 +115,37 @@ def noise_template(spec):
     return noise_lib.SparseGaussian(num_noisy=int(k), centered=name.endswith("centered"))
 
 
-def fit(dataset, method, config, seed):
+def fastest_jit_compile(model):
+    """`--xla auto`: the `jit_compile` measured fastest for `model` ("mlp", "cnn", "convsmall") here.
+
+    `benchmarks/main_job.py` (docs/benchmarks.md): on a CPU, TensorFlow's XLA
+    ran the paper's full-batch ConvSmall step ~4x slower than TensorFlow
+    without it (XLA's CPU convolutions against oneDNN's), while it made the MLP
+    step faster; on JAX both ways run XLA's convolutions (op by op without
+    `jit`) and were no faster. So XLA is off only for convolutions on
+    TensorFlow without an accelerator. PyTorch trains without `torch.compile`
+    whatever this says (`fit` below).
+    """
+    if _backend.NAME != "tensorflow" or model == "mlp":
+        return True
+    return any(not device.startswith("cpu") for device in keras.distribution.list_devices())
+
+
+def micro_steps(method, config):
+    """Keras `fit` steps per update of `method`: its micro-batches (1 when the batch is not split)."""
+    return accumulation_steps(method.batch_size, config.micro_batch_size) or 1
+
+
+def fit(dataset, method, config, seed, callbacks=()):
     """Trains `method` for `config.steps` updates from the initialisation of `seed`.
 
     A batch larger than `config.micro_batch_size` is trained in micro-batches of
     that size with Keras's `gradient_accumulation_steps`, so each update still
     sees the whole batch (and `NoisyGD` draws one noise vector for it).
+    `callbacks` run after the curve's (a progress bar can show its last point).
 
     Returns:
-        `(model, curve)`: the trained model and its `TestCurve`.
+        `(model, curve)`: the trained model and its `Curve`.
     """
     keras.utils.set_random_seed(seed)  # same initialisation for every method of a seed
     model = architectures.build(
@@ -135,8 +157,8 @@ def fit(dataset, method, config, seed):
         optimizer = keras.optimizers.SGD(config.lr, **kwargs)
     else:
         optimizer = NoisyGD(config.lr, noise=noise_template(method.noise), emulate_batch_size=method.emulate_batch_size, seed=seed, **kwargs)
-    micro_steps = k or 1  # Keras's fit counts micro-steps; `steps` and `eval_every` count updates
-    chunk = config.eval_every * micro_steps  # micro-steps between two points of the test curve
+    steps = k or 1  # Keras's fit counts micro-steps; `steps` and `eval_every` count updates
+    chunk = config.eval_every * steps  # micro-steps between two points of the test curve
     execution = 1 if _backend.NAME == "torch" else chunk  # PyTorch runs one step per call
     model.compile(
         optimizer,
@@ -150,59 +172,79 @@ def fit(dataset, method, config, seed):
     if method.batch_size < n:
         data = data.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     # k consecutive micro-batches of the repeated stream are exactly one batch of the unsplit stream.
-    data = data.repeat().batch(method.batch_size // micro_steps, drop_remainder=True).prefetch(2)
+    data = data.repeat().batch(method.batch_size // steps, drop_remainder=True).prefetch(2)
 
     m = config.curve_size
-    curve = TestCurve(dataset.x_test[:m], dataset.y_test[:m], every=chunk // execution)
-    model.fit(data, steps_per_epoch=config.steps * micro_steps, epochs=1, verbose=0, shuffle=False, callbacks=[curve])
+    curve = Curve((dataset.x_train, dataset.y_train), (dataset.x_test[:m], dataset.y_test[:m]), every=chunk // execution)
+    model.fit(data, steps_per_epoch=config.steps * steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[curve, *callbacks])
     return model, curve
 
 
-def train(dataset, method, config, seed):
-    """Trains `method` from the initialisation of `seed`; returns a result dict with the test curve."""
-    model, curve = fit(dataset, method, config, seed)
-    train_acc = accuracy(model, dataset.x_train, dataset.y_train)
-    test_acc = accuracy(model, dataset.x_test, dataset.y_test)
+def train(dataset, method, config, seed, callbacks=()):
+    """Trains `method` from the initialisation of `seed`; returns a result dict with its learning curve."""
+    model, curve = fit(dataset, method, config, seed, callbacks)
+    train_loss, train_acc = evaluate(model, dataset.x_train, dataset.y_train)
+    test_loss, test_acc = evaluate(model, dataset.x_test, dataset.y_test)
     return dict(
-        method=method.label, seed=seed, train_acc=train_acc, test_acc=test_acc,
-        gap=train_acc - test_acc, steps=config.steps, seconds=curve.train_seconds, curve=curve.points,
+        method=method.label, seed=seed, train_acc=train_acc, test_acc=test_acc, gap=train_acc - test_acc,
+        train_loss=train_loss, test_loss=test_loss, steps=config.steps,
+        seconds=curve.train_seconds, compile_seconds=curve.compile_seconds, curve=curve.points,
     )
 
 
-class TestCurve(keras.callbacks.Callback):
-    """Test accuracy after every execution chunk, against the update count; its own time is excluded.
+class Curve(keras.callbacks.Callback):
+    """Train and test loss and accuracy after every execution chunk, against the update count.
 
-    `points` are `(updates, test accuracy)`: the optimizer's `iterations`, which
-    counts updates, not the micro-steps of gradient accumulation. `train_seconds`
-    is the wall time of `fit` without the evaluations.
+    `points` are dicts of `updates` (the optimizer's `iterations`, which counts
+    updates, not the micro-steps of gradient accumulation), `train_loss`,
+    `train_acc` (on the whole training set, as trained: random labels
+    included), `test_loss` and `test_acc` (on the `test` examples given).
+    The evaluations' own time is excluded from the timings: `train_seconds`
+    is the wall time of the training chunks; `compile_seconds` is the first
+    chunk's time beyond the median of the others (tracing, compilation and the
+    input pipeline's start), `None` when there is only one chunk.
     """
 
-    def __init__(self, x, y, every=1):
+    def __init__(self, train, test, every=1):
         super().__init__()
-        self.x, self.y, self.points, self.seconds, self.train_seconds = x, y, [], 0.0, 0.0
-        self.every, self.calls = every, 0  # batch callbacks per point of the curve
+        self.train, self.test, self.points, self.chunks = train, test, [], []
+        self.every, self.calls, self.compile_seconds = every, 0, None  # batch callbacks per point of the curve
+
+    @property
+    def train_seconds(self):
+        return float(sum(self.chunks))
 
     def on_train_begin(self, logs=None):
-        self._start = time.perf_counter()
+        self._since = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.calls += 1
         if self.calls % self.every:
             return
-        start = time.perf_counter()
+        self.chunks.append(time.perf_counter() - self._since)
         if hasattr(self.model, "jax_state_sync"):  # JAX keeps the trained values outside the model during fit
             self.model.jax_state_sync()
         updates = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        self.points.append((updates, accuracy(self.model, self.x, self.y)))
-        self.seconds += time.perf_counter() - start
+        (train_loss, train_acc), (test_loss, test_acc) = evaluate(self.model, *self.train), evaluate(self.model, *self.test)
+        self.points.append(dict(updates=updates, train_loss=train_loss, train_acc=train_acc,
+                                test_loss=test_loss, test_acc=test_acc))
+        if logs is not None:
+            logs["test_acc"] = test_acc  # for the callbacks after this one (a progress bar)
+        self._since = time.perf_counter()
 
     def on_train_end(self, logs=None):
-        self.train_seconds = time.perf_counter() - self._start - self.seconds
+        if len(self.chunks) > 1:
+            self.compile_seconds = max(0.0, self.chunks[0] - float(np.median(self.chunks[1:])))
 
 
-def accuracy(model, x, y, batch_size=2048):
-    predictions = [
-        np.argmax(keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)), -1)
+def evaluate(model, x, y, batch_size=2048):
+    """`(mean cross-entropy, accuracy)` of the model's logits on `(x, y)`, in NumPy float64."""
+    logits = np.concatenate([
+        keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)).astype(np.float64)
         for i in range(0, len(x), batch_size)
-    ]
-    return float(np.mean(np.concatenate(predictions) == y))
+    ])
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    y = np.asarray(y).astype(np.int64)
+    return float(-log_probs[np.arange(len(y)), y].mean()), float(np.mean(np.argmax(logits, -1) == y))

@@ -13,7 +13,7 @@ TINY = ["--dataset", "digits", "--train-size", "64", "--steps", "10", "--eval-ev
 def test_the_paper_preset_is_the_reference_protocol():
     args = cli.parse(["compare", "--preset", "fashion-mnist-paper"])
     expected = dict(dataset="fashion_mnist", split="paper", pixels="raw", model="convsmall", train_size=1000,
-                    steps=10000, lr=0.01, batch_size=50, momentum=0.0, seeds=3, random_labels=0)
+                    steps=10000, lr=0.01, batch_size=50, momentum=0.0, seeds=["3"], random_labels=0)
     assert {k: getattr(args, k) for k in expected} == expected
     assert args.noise == cli.NOISES  # every noise class
     assert cli.parse(["compare", "--preset", "fashion-mnist-corrupted"]).random_labels == 200
@@ -61,7 +61,7 @@ def test_a_sparse_size_trains_with_that_many_noisy_examples(tmp_path, monkeypatc
 def test_resume_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys):
     trained = []
     original = runner.train
-    monkeypatch.setattr(runner, "train", lambda d, m, c, s: trained.append((m.label, s)) or original(d, m, c, s))
+    monkeypatch.setattr(runner, "train", lambda d, m, c, s, **kw: trained.append((m.label, s)) or original(d, m, c, s, **kw))
     out = ["--noise", "sgd", "--out", str(tmp_path)]
     assert cli.main(["compare", *TINY, "--seeds", "1", *out]) == 0
     first = json.loads((tmp_path / "results.json").read_text())["runs"]
