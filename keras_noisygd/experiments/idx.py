@@ -79,6 +79,11 @@ def read_idx(path):
     return data.reshape(shape)
 
 
+def available(name, data_dir=None):
+    """Whether a folder on `name`'s search path holds its four files (nothing is read or downloaded)."""
+    return any(all((folder / f).exists() for f in FILES.values()) for folder in search_path(name, data_dir))
+
+
 def load(name, data_dir=None, online=True):
     """`name`'s four arrays `(x_train, y_train, x_test, y_test)` as uint8, from the first place that has them.
 

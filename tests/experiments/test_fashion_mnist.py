@@ -1,12 +1,15 @@
 """Fashion-MNIST / MNIST from their IDX files: the reader, the search path, the paper's split, ConvSmall."""
 
 import gzip
+import os
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from keras_noisygd.experiments import architectures, data, idx
+from keras_noisygd.experiments import architectures, cli, data, idx
 
 
 def write_idx(path, array):
@@ -166,3 +169,25 @@ def test_the_real_fashion_mnist_files():
     assert paper.x_train.shape == (1000, 28, 28, 1) and paper.x_test.shape == (60000, 28, 28, 1)
     np.testing.assert_array_equal(paper.y_train, y_test[:1000])
     assert paper.x_train.max() == 255.0  # raw pixels
+
+
+def test_available_tells_whether_the_files_are_there_without_reading_them(no_real_data, tmp_path):
+    assert not idx.available("fashion_mnist")
+    write_folder(tmp_path / "mine", seed=0)
+    assert idx.available("fashion_mnist", data_dir=tmp_path / "mine") and not idx.available("fashion_mnist")
+
+
+def test_the_demo_runs_the_paper_protocol_where_the_data_is_and_says_when_it_falls_back(no_real_data, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tasks", Path(__file__).resolve().parents[2] / "tasks.py")
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    monkeypatch.setattr(tasks, "PYTHON", sys.executable)
+    monkeypatch.setattr(tasks, "ENV", dict(os.environ))  # the fixture's HOME/KERAS_HOME, for the child
+    if not (Path("/usr/share/datasets") / "fashion-mnist").exists():  # the child process sees the real system folder
+        assert tasks.demo_preset() == [] and "the demo runs the MNIST-1D comparison instead" in capsys.readouterr().out
+    write_folder(idx.cache_dir("fashion_mnist"), seed=0)
+    assert tasks.demo_preset() == ["--preset", "fashion-mnist-demo"]
+    args = cli.parse(["compare", "--preset", "fashion-mnist-demo"])
+    assert (args.split, args.model, args.steps, args.noise, args.seeds) == ("paper", "convsmall", 2000, ["gaussian_centered"], ["3"])
