@@ -34,7 +34,7 @@ class Journal:
         self.settings = json.loads(json.dumps(self.settings))  # tuples -> lists, as the file holds them
         self.runs = {}
         if resume and self.path.exists():
-            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            lines = _read_lines(self.path)
             if lines and lines[0].get("settings") != self.settings:
                 old = lines[0].get("settings", {})
                 differ = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
@@ -54,6 +54,19 @@ class Journal:
         with open(self.path, "a") as f:
             f.write(json.dumps(run) + "\n")
         return run
+
+
+def _read_lines(path):
+    """The journal's records; a last line cut short by a crash during its write is dropped from the file."""
+    text = path.read_text()
+    lines = text.splitlines()
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError:
+        if not text.endswith("\n") and lines:  # only the line being written when the process died
+            path.write_text("".join(line + "\n" for line in lines[:-1]))
+            return [json.loads(line) for line in lines[:-1] if line.strip()]
+        raise
 
 
 def summarize(runs):

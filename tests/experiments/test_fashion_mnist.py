@@ -190,4 +190,4 @@ def test_the_demo_runs_the_paper_protocol_where_the_data_is_and_says_when_it_fal
     write_folder(idx.cache_dir("fashion_mnist"), seed=0)
     assert tasks.demo_preset() == ["--preset", "fashion-mnist-demo"]
     args = cli.parse(["compare", "--preset", "fashion-mnist-demo"])
-    assert (args.split, args.model, args.steps, args.noise, args.seeds) == ("paper", "convsmall", 2000, ["gaussian_centered"], ["3"])
+    assert (args.split, args.model, args.steps, args.noise, args.seeds) == ("paper", "convsmall", 2000, ["gaussian_centered"], ["2"])
