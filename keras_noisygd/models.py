@@ -15,6 +15,7 @@ import keras
 from keras_noisygd import _backend
 from keras_noisygd import train_step as steps
 from keras_noisygd.optimizers import find_noisy_optimizer
+from keras_noisygd.train_step.common import check_reductions
 
 __all__ = ["NoisyTrainStep", "NoisyModel", "NoisySequential", "noisy"]
 
@@ -67,10 +68,14 @@ class NoisyTrainStep:
           run-time check fails cannot raise; it skips its update and `fit`
           raises the check's message at the end of that execution chunk.
         * A warning when `batch_size` makes the noise vanish (`b >= B`).
+
+        A compiled loss whose reduction would change the noise raises here, before
+        Keras's own first pass (which on JAX and PyTorch fails obscurely on it).
         """
         optimizer = find_noisy_optimizer(getattr(self, "optimizer", None))
         if optimizer is None:
             return super().fit(*args, **kwargs)
+        check_reductions(getattr(self, "loss", None))
         bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
         arguments = bound.arguments
         callbacks = arguments.get("callbacks") or []

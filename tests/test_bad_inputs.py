@@ -1,7 +1,8 @@
 """Bad inputs: every case raises the expected error type with a message that names
 the argument, the rule and the value received; then the documented behaviours of
 inputs that are not errors (partial batches, NaN losses, integer seeds, ragged
-batches). docs/production.md lists the decisions.
+batches). docs/production.md lists the decisions. The table runs on every backend (`tf.data` feeds
+`fit` on each); what needs TensorFlow's own APIs is marked `tensorflow_only`.
 """
 
 import collections
@@ -15,6 +16,8 @@ from helpers import FixedWeights, classification_data, mlp
 
 import keras_noisygd as kn
 from keras_noisygd import noise
+
+pytestmark = pytest.mark.all_backends
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -60,7 +63,14 @@ def opt(**kwargs):
 
 
 V = ValueError
-RUN_TIME = tf.errors.InvalidArgumentError
+if keras.backend.backend() == "tensorflow":  # a batch size known only when the step runs: tf.debugging's message
+    RUN_TIME = tf.errors.InvalidArgumentError
+    B_GREATER = "Received: batch_size=] [8] [the number of examples N=] [4]"
+    EMPTY = ("must be >= 1: an empty batch", "Received: batch_size=] [0]")
+else:  # JAX traces each batch shape and PyTorch runs eagerly: the sizes are Python ints, checked at once
+    RUN_TIME = ValueError
+    B_GREATER = "Received: batch_size=8, the number of examples N=4"
+    EMPTY = ("an integer >= 1", "Received: batch_size=0")
 NAN, INF = float("nan"), float("inf")
 
 BAD = [
@@ -128,8 +138,8 @@ BAD = [
     # -- batches: static sizes raise while tracing, run-time sizes when the step runs (no XLA) ------
     Case("static batch < emulated", lambda: fit(opt(noise="gaussian_centered", emulate_batch_size=32), batches(32, 16, drop_remainder=True)), V, "`emulate_batch_size`", "<= the batch size B of every step", "emulate_batch_size=32, the batch size B of every step=16"),
     Case("static batch < num_noisy", lambda: fit(opt(noise=noise.SparseGaussian(9, 1.0)), batches(32, 8, drop_remainder=True)), V, "`num_noisy`", "<= the number of examples N", "num_noisy=9, the number of examples N=8"),
-    Case("run-time batch < configured b", lambda: fit(opt(noise=noise.SGDSampling(8)), batches(20, 8)), RUN_TIME, "`batch_size`", "<= the number of examples N", "Received: batch_size=] [8] [the number of examples N=] [4]"),
-    Case("run-time empty batch", lambda: fit(opt(noise="bernoulli", emulate_batch_size=4), batches(16, 8, extra=empty_batch())), RUN_TIME, "`batch_size`", "must be >= 1: an empty batch", "Received: batch_size=] [0]"),
+    Case("run-time batch < configured b", lambda: fit(opt(noise=noise.SGDSampling(8)), batches(20, 8)), RUN_TIME, "`batch_size`", "<= the number of examples N", B_GREATER),
+    Case("run-time empty batch", lambda: fit(opt(noise="bernoulli", emulate_batch_size=4), batches(16, 8, extra=empty_batch())), RUN_TIME, "`batch_size`", *EMPTY),
 ]
 
 
@@ -192,6 +202,7 @@ def test_nan_loss_stops_training_with_terminate_on_nan(jit_compile):
     assert all(np.isnan(w).any() for w in model.get_weights()[:1])
 
 
+@pytest.mark.tensorflow_only  # batch sizes known only at run time: elsewhere they are static (the table above)
 @pytest.mark.parametrize("data", ["configured b > run-time batch", "empty batch"])
 def test_under_xla_failed_run_time_checks_skip_the_step_and_stop_fit(data):
     # XLA drops run-time assertions: the step skips its update instead, records the check, and fit raises
@@ -217,6 +228,7 @@ def test_numpy_integer_seed_is_a_python_int_seed():
     assert kn.NoisyGD.from_config(optimizer.get_config()).seed == 3
 
 
+@pytest.mark.tensorflow_only  # stock Keras refuses zero examples on JAX (StopIteration) and PyTorch (ValueError)
 def test_fit_on_zero_examples_changes_no_weight_like_keras():
     # Keras warns ("Your input ran out of data") and returns an empty History; no
     # weight changes, as for `keras.Model`. Keras's `iterations` still counts one
@@ -241,6 +253,7 @@ def _ragged_model(model_class):
     return model_class(inputs, keras.layers.Dense(3, activation="softmax")(_RowMean()(inputs)))
 
 
+@pytest.mark.tensorflow_only  # ragged tensors are TensorFlow's
 def test_ragged_batches_train_with_one_weight_per_row():
     x = tf.ragged.constant([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0], [7.0], [1.0], [2.0, 2.0], [0.5], [3.0, 1.0]])
     y = np.array([0, 1, 2, 0, 1, 1, 2, 0])
