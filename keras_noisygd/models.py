@@ -93,6 +93,25 @@ class NoisyTrainStep:
         self.noisy_loss_weights = args[2] if len(args) > 2 else kwargs.get("loss_weights")
         super().compile(*args, **kwargs)
 
+    def export(self, filepath, *args, **kwargs):
+        """`keras.Model.export`; where Keras cannot export on PyTorch, a RuntimeError that says how to.
+
+        A `.keras` file holds no backend: load it under `KERAS_BACKEND=tensorflow`
+        (or jax) and export there.
+        """
+        try:
+            return super().export(filepath, *args, **kwargs)
+        except Exception as error:
+            if _backend.NAME != "torch":
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            raise RuntimeError(
+                f"Keras {keras.__version__} could not export this model on the PyTorch backend "
+                f"({type(error).__name__}: {first_line}). Save it with `model.save('model.keras')`, then load it "
+                "(after `import keras_noisygd`) with `keras.saving.load_model` under KERAS_BACKEND=tensorflow (or jax) and call `export` there: "
+                "the .keras file holds no backend."
+            ) from error
+
     def compile_from_config(self, config):
         """As `keras.Model.compile_from_config`, which skips a model whose `compile` is overridden."""
         self.compile(**keras.saving.deserialize_keras_object(config))
