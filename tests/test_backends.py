@@ -217,6 +217,56 @@ def test_jax_data_parallel_over_two_devices_is_the_single_device_fit():
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
 
 
+DATA_PARALLEL_ACCUMULATION_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import json
+    import jax
+    import keras
+    import numpy as np
+    import keras_noisygd as kn
+
+    x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
+    y = np.arange(32) % 3
+    NOISES = ["sgd", "gaussian", "gaussian_centered", "bernoulli", "sparse_gaussian", "sparse_gaussian_centered"]
+
+    def train(noise, k):
+        inputs = keras.Input((5,))
+        model = kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(6, "tanh")(inputs)))
+        model.set_weights([np.random.default_rng(i).normal(size=w.shape).astype("float32") * 0.5
+                           for i, w in enumerate(model.get_weights())])
+        optimizer = kn.NoisyGD(0.2, noise=noise, emulate_batch_size=4, seed=6, gradient_accumulation_steps=k)
+        model.compile(optimizer, "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=16 // (k or 1), epochs=3, shuffle=False, verbose=0)
+        return [w.tolist() for w in model.get_weights()]
+
+    whole = {noise: train(noise, None) for noise in NOISES}  # one device, updates of 16 in one batch
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+    split = {noise: train(noise, 2) for noise in NOISES}  # two devices, updates of 16 in 2 micro-batches of 8
+    print("RESULT" + json.dumps({"whole": whole, "split": split}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_jax_data_parallel_with_accumulation_is_the_single_device_whole_batch_fit():
+    if keras.backend.backend() != "jax":
+        pytest.skip("keras.distribution.DataParallel runs on JAX")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", DATA_PARALLEL_ACCUMULATION_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[6:])
+    assert len(result["whole"]) == 6
+    for noise, whole in result["whole"].items():
+        # One draw per update of 16, sliced over 2 micro-batches x 2 devices: the same update as one batch of
+        # 16 on one device. JAX runs float32 here (no x64); accumulation and the cross-device sum only change
+        # the summation order (~1e-7), while a second draw or a wrong slice would move the weights by ~1e-2.
+        for a, b in zip(whole, result["split"][noise]):
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6, err_msg=noise)
+
+
 def test_a_micro_batch_of_another_size_raises_with_its_message():
     # 10 examples in micro-batches of 4: 4, 4 | 2, then (epoch 2) 4 -> an update of a 2 and a 4.
     x, y = np.random.default_rng(0).normal(size=(10, 5)).astype("float32"), np.arange(10) % 3
