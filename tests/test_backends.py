@@ -259,12 +259,12 @@ def test_jax_data_parallel_with_accumulation_is_the_single_device_whole_batch_fi
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[6:])
     assert len(result["whole"]) == 6
-    for noise, whole in result["whole"].items():
+    for name, whole in result["whole"].items():
         # One draw per update of 16, sliced over 2 micro-batches x 2 devices: the same update as one batch of
         # 16 on one device. JAX runs float32 here (no x64); accumulation and the cross-device sum only change
         # the summation order (~1e-7), while a second draw or a wrong slice would move the weights by ~1e-2.
-        for a, b in zip(whole, result["split"][noise]):
-            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6, err_msg=noise)
+        for a, b in zip(whole, result["split"][name]):
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_a_micro_batch_of_another_size_raises_with_its_message():

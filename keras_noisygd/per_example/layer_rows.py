@@ -90,6 +90,8 @@ def plan(model, rules=None):
         capture_model = keras.Model(model.inputs, [model.outputs[0], *captured])
     except (AttributeError, ValueError, TypeError):  # not a graph of layers (a subclassed model), or disconnected
         return None
+    if any(not hasattr(t, "shape") for pair in captured for t in pair):  # several inputs or outputs: no rule's
+        return None
     layer_rules = [rules_lib.rule_for(layer, tuple(a.shape), rules) for layer, (a, _) in zip(layers, captured)]
     if None in layer_rules:
         return None

@@ -7,6 +7,7 @@ a `tf.cond`, so a traced step falls back to the general method at run time.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from keras_noisygd._batch import batch_size_of
@@ -67,7 +68,7 @@ def _general(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, l
         losses = tf.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * data_scale
         regularization = tf.add_n([tf.cast(r, dtype) for r in reg_losses]) * scale if reg_losses else None
     new_state = [None if new is old else new for new, old in zip(new_state, non_trainable_values)]
-    method = choose_method(method, any(new is not None for new in new_state))
+    method = _without_crashing_pfor(model, choose_method(method, any(new is not None for new in new_state)), method)
     regularization_gradients = None
     if regularization is not None:
         regularization_gradients = tape.gradient(regularization, trainable, unconnected_gradients=_ZERO)
@@ -88,6 +89,41 @@ def _general(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, l
 
         gradients = _vectorized(one_example, (x, y, sample_weight), batch_size, chunk_size, weights, trainable)
     return PerExample(gradients, regularization_gradients, losses, method, y_pred, new_state)
+
+
+# Layers whose training-mode pass `tf.vectorized_map` crashes the process on (TensorFlow 2.21: "free(): invalid
+# pointer" on Keras's MultiHeadAttention and so on every KerasHub transformer; the jacobian method is exact there).
+PFOR_CRASHES = ("MultiHeadAttention",)
+
+
+def _without_crashing_pfor(model, chosen, asked):
+    """`chosen`, or "jacobian" where "vectorized" would run a layer of `PFOR_CRASHES` (refused if asked for)."""
+    if chosen != "vectorized":
+        return chosen
+    found = sorted({type(layer).__name__ for layer in _sublayers(model)} & set(PFOR_CRASHES))
+    if not found:
+        return chosen
+    if asked == "vectorized":
+        raise ValueError(
+            f"Argument `method='vectorized'` would crash TensorFlow {tf.__version__} on this model's {found[0]} "
+            "layer (tf.vectorized_map over it aborts the process). Use method='jacobian' or 'auto'. "
+            "Received: method='vectorized'"
+        )
+    return "jacobian"
+
+
+def _sublayers(layer, seen=None):
+    """`layer` and every layer inside it: a model's `layers` and the layers a layer holds as attributes."""
+    seen = set() if seen is None else seen
+    if id(layer) in seen:
+        return
+    seen.add(id(layer))
+    yield layer
+    children = list(getattr(layer, "layers", None) or [])
+    for value in vars(layer).values():
+        children += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, keras.layers.Layer)]
+    for child in children:
+        yield from _sublayers(child, seen)
 
 
 def _vectorized(one_example, batch, batch_size, chunk_size, weights, trainable):
