@@ -16,7 +16,7 @@ Two general, exact ways to form `G_i = d l_i / d theta`, both from `model.statel
 
 `"auto"` first takes the layer rows (`layer_rows.py`; TensorFlow and
 PyTorch: a model without state whose
-trainable layers are all Dense, Conv1D/Conv2D, Embedding or
+trainable layers are all Dense, EinsumDense, Conv1D/Conv2D, Embedding or
 LayerNormalization, and no `chunk_size`; BatchNormalization,
 GhostBatchNormalization and Dropout models never take them): one
 batched forward and backward pass, each layer's rows formed from its input and

@@ -1,7 +1,7 @@
 """The layer path: per-example gradients from one batched pass, for the rows of `G` and for `K = G G^T`.
 
-Where every trainable layer has a rule in `rules.RULES` (Dense, Conv1D,
-Conv2D, Embedding, LayerNormalization), example `i`'s gradient follows from
+Where every trainable layer has a rule in `rules.RULES` (Dense, EinsumDense,
+Conv1D, Conv2D, Embedding, LayerNormalization), example `i`'s gradient follows from
 the layer's input `a_i` and the loss's gradient `d_i` at its (pre-activation)
 output. For a Dense layer `z = a W + b`, `W_i = a_i d_i^T` and `b_i = d_i`, so
 

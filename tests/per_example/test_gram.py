@@ -139,10 +139,11 @@ def _shared():
     return model
 
 
-def _sequence():
+def _attention():
     keras.utils.set_random_seed(7)
     inputs = keras.Input((3, 4))
-    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(4)(inputs)))
+    hidden = keras.layers.MultiHeadAttention(2, 2)(inputs, inputs)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(hidden))
     model = kn.NoisyModel(inputs, outputs)
     model.compile(kn.NoisyGD(0.1, noise="none"), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -181,13 +182,14 @@ def test_models_outside_the_rule_are_refused_before_any_data(float64):
 @pytest.mark.parametrize(
     "build, shape",
     [(lambda: _coupled(keras.layers.BatchNormalization(center=False, scale=False)), (5,)),  # statistics only
-     (lambda: _coupled(keras.layers.Dropout(0.3)), (5,)), (_sequence, (3, 4))],
-    ids=["batchnorm", "dropout", "dense-on-a-sequence"],
+     (lambda: _coupled(keras.layers.Dropout(0.3)), (5,)), (_attention, (3, 4))],
+    ids=["batchnorm", "dropout", "multi-head-attention"],
 )
 def test_coupled_or_sequence_models_give_no_layer_gram(float64, build, shape):
     model = build()
     x, y = _data(shape)
-    # Refused before any data: state (BN statistics, a Dropout seed) or a Dense layer on a sequence.
+    # Refused before any data: state (BN statistics, a Dropout seed), or a layer whose variables are its
+    # sublayers' (MultiHeadAttention calls its EinsumDense projections inside its own call: not captured).
     assert layer_rows.plan(model) is None
 
 
@@ -284,7 +286,34 @@ def _layernorm(kind):
     return _compiled(inputs, layers.Dense(3)(hidden))
 
 
+def _einsum(kind):
+    """Dense on a sequence and EinsumDense in the shapes of a transformer's projections, between the others."""
+    keras.utils.set_random_seed(14)
+    layers = keras.layers
+    inputs = keras.Input((3, 4))
+    bias = dict(bias_initializer=keras.initializers.RandomNormal(stddev=0.5))  # a zero bias would hide one left out
+    if kind == "dense-sequence":  # a feed-forward block: Dense on [B, T, F], kernel L2 in every row
+        hidden = layers.Dense(5, activation="gelu", kernel_regularizer=L2(0.02), **bias)(inputs)
+        hidden = layers.Dense(4, use_bias=False)(hidden)
+    elif kind == "heads":  # MultiHeadAttention's query/key/value shape, then its output projection
+        hidden = layers.EinsumDense("abc,cde->abde", (None, 2, 3), bias_axes="de", activation="tanh", **bias)(inputs)
+        hidden = layers.EinsumDense("abde,dec->abc", (None, 4), bias_axes="c",
+                                    kernel_regularizer=L2(0.03))(hidden)
+    elif kind == "ellipsis":  # `...` for the batch and positions, a bias along one of two output axes
+        hidden = layers.EinsumDense("...b,bcd->...cd", (2, 3), bias_axes="c", activation="relu", **bias)(inputs)
+        hidden = layers.Reshape((3, 6))(hidden)
+    else:  # no bias, a contraction over the positions
+        hidden = layers.EinsumDense("abc,bcd->ad", 5, activation="sigmoid")(inputs)
+    if kind != "contraction":
+        hidden = layers.GlobalAveragePooling1D()(hidden)
+    return _compiled(inputs, layers.Dense(3)(hidden))
+
+
 NEW_RULES = {
+    "dense-sequence": (lambda: _einsum("dense-sequence"), (3, 4)),
+    "einsum-heads": (lambda: _einsum("heads"), (3, 4)),
+    "einsum-ellipsis": (lambda: _einsum("ellipsis"), (3, 4)),
+    "einsum-contraction": (lambda: _einsum("contraction"), (3, 4)),
     "embedding-rows": (lambda: _embedding("rows"), ("ids", (4,), 11)),
     "embedding-equality": (lambda: _embedding("equality"), ("ids", (2, 3), 50)),
     "embedding-pooled": (lambda: _embedding("pooled"), ("ids", (5,), 7)),

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.all_backends
 
 BACKEND = keras.backend.backend()
 B = 8
-KINDS = ["dense", "regularized", "conv1d", "conv2d", "embedding", "layernorm", "batchnorm", "dropout"]
+KINDS = ["dense", "regularized", "conv1d", "conv2d", "embedding", "layernorm", "einsum", "batchnorm", "dropout"]
 COUPLED = ["batchnorm", "dropout"]
 
 
@@ -56,6 +56,13 @@ def _model(kind):
     elif kind == "embedding":
         inputs = keras.Input((4,), dtype="int32")
         hidden = layers.Flatten()(layers.Embedding(11, 3)(inputs))
+    elif kind == "einsum":  # a transformer's projections: EinsumDense to heads and back, Dense on the sequence
+        inputs = keras.Input((3, 4))
+        bias = keras.initializers.RandomNormal(stddev=0.5)
+        hidden = layers.EinsumDense("abc,cde->abde", (3, 2, 3), bias_axes="de", activation="tanh",
+                                    bias_initializer=bias)(inputs)
+        hidden = layers.EinsumDense("abde,dec->abc", (3, 4), bias_axes="c")(hidden)
+        hidden = layers.Flatten()(layers.Dense(5, activation="gelu", bias_initializer=bias)(hidden))
     else:
         inputs = keras.Input((5,))
         regularizer = keras.regularizers.L2(0.05) if kind == "regularized" else None
@@ -79,7 +86,8 @@ def _data(kind, dtype, n=B, seed=0):
     if kind == "embedding":
         x = rng.integers(0, 11, (n, 4)).astype("int32")
     else:
-        x = rng.normal(size=(n, *{"conv1d": (9, 2), "conv2d": (6, 6, 2)}.get(kind, (5,)))).astype(dtype)
+        shapes = {"conv1d": (9, 2), "conv2d": (6, 6, 2), "einsum": (3, 4)}
+        x = rng.normal(size=(n, *shapes.get(kind, (5,)))).astype(dtype)
     return x, rng.integers(0, 3, n)
 
 

@@ -6,6 +6,9 @@ layer's input `a`, its output, and the loss's gradient there. With `d_i` the
 gradient at example `i`'s (pre-activation) output:
 
     Dense               kernel a_i d_i^T, bias d_i; K_ij += (<a_i, a_j> + 1) <d_i, d_j>
+                        (on a sequence: sum_t a_i[t] d_i[t]^T, sum_t d_i[t])
+    EinsumDense         kernel einsum("<a>,<z>-><batch><W>", a_i, d_i), bias d_i summed over the axes
+                        it broadcasts along
     Conv1D / Conv2D     kernel sum_t a_i[t s + o] d_i[t]^T at each offset o (one batched matmul per
                         offset), bias sum_t d_i[t]
     Embedding           the table's row v: sum over the positions s with id_is = v of d_is (a scatter-add);
@@ -13,7 +16,7 @@ gradient at example `i`'s (pre-activation) output:
     LayerNormalization  gamma sum_t x_i[t] * d_i[t], beta sum_t d_i[t] over the positions t outside
                         `axis`, x the normalised input (x - mean) / sqrt(var + epsilon)
 
-One module per layer type (`dense.py`, `convolution.py`, `embedding.py`,
+One module per layer type (`dense.py`, `einsum_dense.py`, `convolution.py`, `embedding.py`,
 `layer_normalization.py`); `base.py` has the contract (`Rule`) and what the
 rules share. `RULES` is the explicit table the layer path takes (a caller
 may pass its own). A rule class says before any data whether it covers a layer (`covers`, on its
@@ -31,6 +34,7 @@ import keras
 from keras_noisygd.per_example.rules.base import Gradients, Rule
 from keras_noisygd.per_example.rules.convolution import ConvolutionRule
 from keras_noisygd.per_example.rules.dense import DenseRule
+from keras_noisygd.per_example.rules.einsum_dense import EinsumDenseRule
 from keras_noisygd.per_example.rules.embedding import EmbeddingRule
 from keras_noisygd.per_example.rules.layer_normalization import LayerNormalizationRule
 
@@ -38,6 +42,7 @@ __all__ = ["RULES", "register_rule", "rule_for", "Rule", "Gradients"]
 
 RULES = {
     keras.layers.Dense: DenseRule,
+    keras.layers.EinsumDense: EinsumDenseRule,
     keras.layers.Conv1D: ConvolutionRule,
     keras.layers.Conv2D: ConvolutionRule,
     keras.layers.Embedding: EmbeddingRule,

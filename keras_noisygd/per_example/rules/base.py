@@ -31,8 +31,12 @@ def reduce_sum(t, axes):
 Gradients = collections.namedtuple("Gradients", ["output", "logits", "logits_gradient"])
 
 
-def pre_activation_gradient(layer, a, out, grads, values):
-    """`d_i = dl_i / dz_i` at `z = conv_or_matmul(a, W) + b`, from the gradients at the output and its logits.
+def pre_activation_gradient(layer, a, out, grads, values, linear=None):
+    """`d_i = dl_i / dz_i` at `z = linear(a, W) + b`, from the gradients at the output and its logits.
+
+    `linear(a, kernel)` is the layer's product (Dense's matmul or a
+    convolution's `convolution_op` when not given); it is evaluated only for
+    an activation other than linear and ReLU.
 
     `grads.logits` is the logits Keras keeps on a softmax or sigmoid output
     (`z` itself: TensorFlow's crossentropies read the loss from them), else
@@ -43,13 +47,16 @@ def pre_activation_gradient(layer, a, out, grads, values):
     out_grad, logit = grads.output, grads.logits
     if logit is not out:
         return grads.logits_gradient
-    if layer.activation is keras.activations.linear:
+    if layer.activation is None or layer.activation is keras.activations.linear:
         return out_grad
     if layer.activation is keras.activations.relu:
         return out_grad * ops.cast(out > 0, out_grad.dtype)  # relu'(z) from the output: no need for z
     kernel = values[id(layer.kernel)]
-    z = ops.matmul(a, kernel) if type(layer) is keras.layers.Dense else layer.convolution_op(a, kernel)
-    z = z + values[id(layer.bias)] if layer.use_bias else z
+    if linear is None:
+        linear = ops.matmul if isinstance(layer, keras.layers.Dense) else layer.convolution_op
+    z = linear(a, kernel)
+    bias = getattr(layer, "bias", None)
+    z = z + values[id(bias)] if bias is not None else z
     return _backend.activation_gradient(layer.activation, z, out_grad)  # the activation's derivative
 
 
