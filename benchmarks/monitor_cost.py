@@ -18,7 +18,7 @@ monitor's extra peak (`auto - none`) should grow with the first two, that of
 `per_example` with `B x d`.
 
     python benchmarks/monitor_cost.py [--rounds 5] [--steps 20] [--batch-size 128]
-        [--memory-batch-sizes 32 128 512] [--no-memory]
+        [--memory-batch-sizes 32 128 512] [--no-memory] [--models paper_cnn,mlp_784_256_256_10,bert_tiny]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _memory import child_peak, peak_mib, report, settings  # noqa: E402  (benchmarks/ is the script's folder)
 from _timing import seconds_per_step  # noqa: E402
-from step_time import MODELS, synthetic_batch  # noqa: E402
+from step_time import MODELS, _RepeatedBatch, synthetic_batch  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
 from keras_noisygd.per_example import layer_rows  # noqa: E402
@@ -41,11 +41,45 @@ from keras_noisygd.per_example import layer_rows  # noqa: E402
 WAYS = ("none", "auto", "per_example")  # no monitor, and the monitor's two methods
 
 
+# A real transformer (KerasHub's BERT from a config, nothing downloaded; `--models bert_tiny`): its
+# attention's projections are out of the layer path's reach, so the monitor forms `G` either way.
+BERT = dict(vocabulary_size=1000, num_layers=2, num_heads=4, hidden_dim=64, intermediate_dim=128,
+            max_sequence_length=32, dropout=0.0)
+CHOICES = (*MODELS, "bert_tiny")
+
+
+def _bert(batch_size):
+    """`(model, (x, y))`: the BERT classifier and one batch of padded random token sequences."""
+    import keras_hub  # the `test` extra
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(**BERT)
+    model = kn.noisy(keras_hub.models.BertTextClassifier(backbone, num_classes=10, preprocessor=None, dropout=0.0))
+    rng = np.random.default_rng(0)
+    length = BERT["max_sequence_length"]
+    mask = (np.arange(length)[None, :] < rng.integers(8, length + 1, batch_size)[:, None]).astype("int32")
+    x = {"token_ids": rng.integers(1, BERT["vocabulary_size"], (batch_size, length)).astype("int32") * mask,
+         "segment_ids": np.zeros((batch_size, length), "int32"), "padding_mask": mask}
+    return model, (x, rng.integers(0, 10, batch_size))
+
+
+def _repeated(x, y):
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors((x, y)).repeat()
+    return _RepeatedBatch(x, y)
+
+
 def build(name, batch_size):
     """The noisy model `name` (seed 0), compiled as in the time pass, and a dataset repeating one batch."""
-    layers_fn, (x, y), data = synthetic_batch(name, batch_size, np.random.default_rng(0))
-    keras.utils.set_random_seed(0)
-    model = kn.NoisySequential(layers_fn())
+    if name == "bert_tiny":
+        model, (x, y) = _bert(batch_size)
+        data = _repeated(x, y)
+    else:
+        layers_fn, (x, y), data = synthetic_batch(name, batch_size, np.random.default_rng(0))
+        keras.utils.set_random_seed(0)
+        model = kn.NoisySequential(layers_fn())
     model.compile(
         kn.NoisyGD(0.01, noise="gaussian_centered", emulate_batch_size=min(32, batch_size), seed=0),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -128,7 +162,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(CHOICES))
     parser.add_argument("--memory-batch-sizes", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--no-times", action="store_true", help="skip the time pass (memory needs no quiet machine)")

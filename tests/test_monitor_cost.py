@@ -1,0 +1,23 @@
+"""benchmarks/monitor_cost.py's KerasHub entry at a tiny size: it runs, and the monitor forms `G` for it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("keras_hub")  # in the `test` extra
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_the_keras_hub_bert_row_says_the_monitor_forms_g():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "monitor_cost.py"), "--models", "bert_tiny", "--rounds", "1", "--steps",
+         "2", "--batch-size", "4", "--no-memory"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    row = next(line.split() for line in out.splitlines() if line.startswith("bert_tiny"))
+    # model, step ms, auto ms, source, ratio (range), per_example ms, ratio (range)
+    assert row[3] == "per_example"  # attention's projections are out of the layer path's reach: G is formed
+    assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[6]) > 0
