@@ -80,9 +80,10 @@ def guarded(weights, conditions):
     A message is a string or a list of strings and tensors. Where the backend
     can stop at run time it raises with the message: `InvalidArgumentError` on
     TensorFlow without XLA, `ValueError` on PyTorch. A compiled step cannot
-    raise (XLA, `jax.jit`), so the weights are also replaced by NaN: the loss
-    turns NaN, which `keras.callbacks.TerminateOnNaN` stops on, rather than
-    training silently with the wrong noise.
+    raise (XLA, `jax.jit`), so the weights are also replaced by NaN; the
+    noisy optimizers record the failed condition (`checks.record`) and skip
+    the step's update, and `FailedNoiseCheck` stops `fit` with the message,
+    rather than training silently with the wrong noise.
     """
     if not conditions:
         return weights
@@ -97,8 +98,8 @@ EMPTY_BATCH = "Argument `batch_size` must be >= 1: an empty batch has no example
 def check_batch_size(batch_size):
     """`batch_size`, refused if empty: now for a Python int, at run time for a tensor (`_backend.asserted`).
 
-    A compiled step cannot raise; `NoisyTrainStep` then reports the loss of an
-    empty batch as NaN, so `keras.callbacks.TerminateOnNaN` stops.
+    A compiled step cannot raise; there the noisy optimizers' draw records an
+    empty batch as a failed check and skips the step, like any other.
     """
     if not ops.is_tensor(batch_size):
         return check_int("batch_size", batch_size, 1)

@@ -106,13 +106,13 @@ class NoiseMixin:
         size under TensorFlow, a static one on JAX and PyTorch) gets `m = 1`:
         drawing fewer than `b` examples already carries at least SGD(`b`)'s
         sampling noise. An empty batch is an error (at run time without XLA;
-        under XLA the train step reports loss NaN).
+        a compiled step records it and skips its update, see `apply`).
 
         Under gradient accumulation (`gradient_accumulation_steps=k`) the
         weights are the micro-step's slice of one draw for the whole update of
         `k` micro-batches (see the class docstring). A micro-batch whose size
-        differs from the first micro-batch of its update is an error (under
-        XLA: NaN weights, so the loss is NaN), since the update's draw was sized
+        differs from the first micro-batch of its update is an error (in a
+        compiled step: recorded, and the update skipped), since the update's draw was sized
         for `k` equal micro-batches.
 
         Under a `tf.distribute` strategy with several replicas in sync

@@ -29,7 +29,9 @@ def report_loss(model, loss, batch_size, weights):
     loss, un-scaled from tf.distribute's per-replica scaling like
     `Model.train_step` does. Weights that are NaN (a compiled step's stand-in
     for a failed run-time check, `_checks.guarded`) or empty (an empty batch)
-    make the reported loss NaN, so `keras.callbacks.TerminateOnNaN` stops.
+    make the reported loss NaN. The step itself is skipped and
+    `FailedNoiseCheck` stops `fit`; with several `tf.distribute` replicas,
+    where it cannot be skipped, `keras.callbacks.TerminateOnNaN` stops on it.
     """
     usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))
     loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
