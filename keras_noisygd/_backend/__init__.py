@@ -24,7 +24,9 @@ The interface, by concern:
   arithmetic); `wide_float()`, float64 where the backend has it.
 * **The generator's word arithmetic.** `wrap(x)` (`x mod 2**32`),
   `shift_left(x, r)`, `shift_right(x, r)`, `sort_keys(keys)` (a dtype the
-  backend sorts).
+  backend sorts); `draws_on_host(key)`: whether the words are cheaper in
+  NumPy (eager PyTorch on a CPU, where each of the ~150 small operations of a
+  draw costs its dispatch).
 * **Gradients.** `gradients(loss_fn, variables)` and
   `apply_gradients(optimizer, gradients, variables)` of a train step;
   `run_if(condition, function)`: an update skipped where a check failed;
@@ -52,7 +54,7 @@ import keras
 INTERFACE = (
     "NAME", "STATELESS", "LAYER_ROWS", "VMAP_FORWARD", "SCALAR_SUMMARIES",
     "COUNTER_DTYPE", "SEED_DTYPE", "WORD_DTYPE", "wide_float",
-    "wrap", "shift_left", "shift_right", "sort_keys",
+    "wrap", "shift_left", "shift_right", "sort_keys", "draws_on_host",
     "gradients", "apply_gradients", "run_if", "gradients_at", "leaf", "activation_gradient", "vjp", "grad", "vmap",
     "asserted", "is_traced", "compiled", "sync_state",
     "DrawRecord", "global_batch", "num_replicas",
@@ -85,6 +87,7 @@ wrap = _current.wrap
 shift_left = _current.shift_left
 shift_right = _current.shift_right
 sort_keys = _current.sort_keys
+draws_on_host = _current.draws_on_host
 gradients = _current.gradients
 apply_gradients = _current.apply_gradients
 run_if = _current.run_if

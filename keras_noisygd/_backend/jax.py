@@ -49,6 +49,10 @@ def sort_keys(keys):
     return keys
 
 
+def draws_on_host(key):
+    return False  # a traced or compiled step: the words stay in the graph
+
+
 # -- gradients ------------------------------------------------------------------
 
 

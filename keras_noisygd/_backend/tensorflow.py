@@ -47,6 +47,10 @@ def sort_keys(keys):
     return tf.cast(keys, tf.int64)  # TensorFlow sorts no uint32
 
 
+def draws_on_host(key):
+    return False  # a traced or compiled step: the words stay in the graph
+
+
 # -- gradients ------------------------------------------------------------------
 
 

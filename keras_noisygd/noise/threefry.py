@@ -70,6 +70,21 @@ def threefry2x32(key, x0, x1):
     return x0, x1
 
 
+def threefry2x32_numpy(key, x0, x1):
+    """`threefry2x32` on NumPy `uint32` arrays (whose `+` and `<<` wrap modulo `2**32`): the same words."""
+    k0, k1 = (np.asarray(k, np.uint32).reshape(1) for k in key)  # arrays: wrapping without overflow warnings
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for group in range(5):
+        for r in _ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        s = group + 1
+        x0 = x0 + ks[s % 3]
+        x1 = x1 + (ks[(s + 1) % 3] + np.uint32(s))
+    return x0, x1
+
+
 def key_of(seed):
     """The key words of a stateless seed `[seed, update]` (integers in `[0, 2**32)`)."""
     seed = ops.convert_to_tensor(seed)
@@ -83,9 +98,15 @@ def words(seed, n, stream):
     `n` may be a scalar integer tensor on TensorFlow (a batch size known at run time).
     """
     dtype = _backend.WORD_DTYPE
+    key = key_of(seed)
+    if _backend.draws_on_host(key[0]):  # `n` is a Python int there (an eager step)
+        index = np.arange(n, dtype=np.uint32)
+        host_key = [ops.convert_to_numpy(k) for k in key]
+        pair = threefry2x32_numpy(host_key, index, np.full(n, stream, np.uint32))
+        return tuple(ops.convert_to_tensor(w.astype(dtype)) for w in pair)
     index = ops.arange(n, dtype="int32")  # JAX has no int64; batch sizes stay far below 2**31
     index = ops.cast(index, dtype)
-    return threefry2x32(key_of(seed), index, ops.full(ops.shape(index), stream, dtype))
+    return threefry2x32(key, index, ops.full(ops.shape(index), stream, dtype))
 
 
 def to_uniform(w, dtype="float32"):

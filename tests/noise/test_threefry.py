@@ -11,7 +11,7 @@ import pytest
 import rng_reference as ref
 from helpers import to_numpy
 
-from keras_noisygd import noise
+from keras_noisygd import _backend, noise
 from keras_noisygd.noise import threefry
 
 pytestmark = pytest.mark.all_backends
@@ -37,6 +37,16 @@ def test_threefry_known_answers(key, counter, expected):
     y0, y1 = threefry.threefry2x32((k[0], k[1]), words([counter[0]]), words([counter[1]]))
     assert (int(to_numpy(y0)[0]), int(to_numpy(y1)[0])) == expected
     assert tuple(int(v[0]) for v in ref.threefry2x32(key, [counter[0]], [counter[1]])) == expected
+    # The NumPy rounds that eager PyTorch on a CPU draws with (`draws_on_host`).
+    y0, y1 = threefry.threefry2x32_numpy(key, np.array([counter[0]], np.uint32), np.array([counter[1]], np.uint32))
+    assert (int(y0[0]), int(y1[0])) == expected
+
+
+def test_words_are_drawn_on_the_host_only_for_an_eager_step_on_a_cpu():
+    key = threefry.key_of(keras.ops.convert_to_tensor([3, 4]))
+    # PyTorch's eager CPU step takes the NumPy rounds (test_words_equal_the_reference checks their bits);
+    # TensorFlow and JAX keep them in the traced or compiled step.
+    assert _backend.draws_on_host(key[0]) == (keras.backend.backend() == "torch")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
