@@ -6,7 +6,9 @@ ratios, with their range): no monitor, the monitor with `method="auto"` (the
 Gram matrix from the layers' inputs and output gradients, where the
 model allows it: both models here) and with `method="per_example"` (the Gram matrix
 from `G`, as before the Gram path). Steps are timed inside one `fit`
-(`_timing.py`), `steps_per_execution=1` so that the monitor runs at every step.
+(`_timing.py`), `steps_per_execution=1` so that the monitor runs at every step. Then whole `fit` calls
+of `--fit-steps` steps, with the monitor (`auto`) and without: what a user's `fit` costs, the host-side
+work of every measurement and `fit`'s start and end included.
 
 Then a memory pass (`_memory.py`): for each model and `--memory-batch-sizes`
 B, one fresh process per way fits `--steps` steps (after a warm-up fit of as
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -117,6 +120,32 @@ def time_pass(args):
         )
 
 
+def whole_fit_pass(args):
+    """Whole `fit` calls of `--fit-steps` steps with `NoiseMonitor(every_n_steps=1)` (`auto`) against without:
+    what a user's `fit` costs, host-side work of every measurement (syncs, NumPy statistics, the callback),
+    `fit`'s start and end included."""
+    print(f"\nwhole fit calls of {args.fit_steps} steps, batch = probe = {args.batch_size}, {args.rounds} rounds, XLA off")
+    print(f"{'model':<20} {'fit s':>8} {'with monitor s':>15} {'ratio':>18}")
+    for name in args.models.split(","):
+        model, probe, data = build(name, args.batch_size)
+        monitors = {way: callbacks(way, probe) for way in ("none", "auto")}
+        seconds = {way: [] for way in monitors}
+
+        def fit(way):
+            model.fit(data, steps_per_epoch=args.fit_steps, epochs=1, verbose=0, shuffle=False, callbacks=monitors[way])
+
+        for way in monitors:  # trace outside the timing
+            fit(way)
+        for round_ in range(args.rounds):
+            for way in (("none", "auto") if round_ % 2 == 0 else ("auto", "none")):
+                start = time.perf_counter()
+                fit(way)
+                seconds[way].append(time.perf_counter() - start)
+        ratio = [a / b for a, b in zip(seconds["auto"], seconds["none"])]
+        print(f"{name:<20} {statistics.median(seconds['none']):>8.3f} {statistics.median(seconds['auto']):>15.3f} "
+              f"{statistics.median(ratio):>6.2f} ({min(ratio):.2f}-{max(ratio):.2f})")
+
+
 def memory_pass(args):
     print(f"\nPeak memory of a fit of {args.steps} steps (MiB above the resident set after a warm-up fit; "
           f"one process per way and B, {settings()})")
@@ -165,7 +194,8 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(CHOICES))
     parser.add_argument("--memory-batch-sizes", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
-    parser.add_argument("--no-times", action="store_true", help="skip the time pass (memory needs no quiet machine)")
+    parser.add_argument("--no-times", action="store_true", help="skip the time passes (memory needs no quiet machine)")
+    parser.add_argument("--fit-steps", type=int, default=30, help="steps of each whole fit call (0: skip that pass)")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "B", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -173,6 +203,8 @@ def main(argv=None):
         return
     if not args.no_times:
         time_pass(args)
+        if args.fit_steps:
+            whole_fit_pass(args)
     if not args.no_memory:
         memory_pass(args)
 

@@ -14,10 +14,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_the_keras_hub_bert_row_says_the_monitor_forms_g():
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "monitor_cost.py"), "--models", "bert_tiny", "--rounds", "1", "--steps",
-         "2", "--batch-size", "4", "--no-memory"],
+         "2", "--batch-size", "4", "--no-memory", "--fit-steps", "2"],
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout
-    row = next(line.split() for line in out.splitlines() if line.startswith("bert_tiny"))
+    steps, whole_fit = (line.split() for line in out.splitlines() if line.startswith("bert_tiny"))
     # model, step ms, auto ms, source, ratio (range), per_example ms, ratio (range)
-    assert row[3] == "per_example"  # attention's projections are out of the layer path's reach: G is formed
-    assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[6]) > 0
+    assert steps[3] == "per_example"  # attention's projections are out of the layer path's reach: G is formed
+    assert float(steps[1]) > 0 and float(steps[2]) > 0 and float(steps[6]) > 0
+    # model, fit s, with monitor s, ratio (range): whole fit calls
+    assert float(whole_fit[1]) > 0 and float(whole_fit[2]) > 0
