@@ -32,6 +32,7 @@ gradient `r` added to every row.
 from __future__ import annotations
 
 import collections
+import inspect
 import weakref
 
 import keras
@@ -39,12 +40,15 @@ from keras import ops
 
 from keras_noisygd import _backend
 from keras_noisygd._batch import batch_size_of
+from keras_noisygd.per_example import nested
 from keras_noisygd.per_example import rules as rules_lib
 from keras_noisygd.per_example.losses import loss_function
 from keras_noisygd.per_example.result import weighted_sum
 from keras_noisygd.per_example.rules.base import Gradients, f64
 
-Plan = collections.namedtuple("Plan", ["capture", "layers", "rules"])
+# `layers` and `rules`: the model's own layers with a rule, captured from its graph; `nested`: `(layer, rule)`
+# of the layers with a rule called inside another layer's `call` (`nested.py`), recorded while the pass runs.
+Plan = collections.namedtuple("Plan", ["capture", "layers", "rules", "nested"])
 
 # The layer path is used while the batch gradients it rebuilds match the backward pass's to this relative
 # error: float32 rounding gives ~1e-7, a layer applied twice or a call the rules do not describe O(1).
@@ -72,9 +76,12 @@ def plan(model, rules=None):
     non-trainable variable (BatchNormalization's and
     GhostBatchNormalization's statistics couple the examples in training;
     Dropout, GaussianNoise and random layers keep a seed and need the batch
-    step's own masks), a trainable layer without a rule, a trainable variable
-    outside the rules' layers, more than one output, or a model that is not a
-    graph of layers.
+    step's own masks), a trainable layer without a rule (or, for a layer
+    without one, sublayers with rules that hold all its variables: a
+    `MultiHeadAttention`'s projections, a block's layers, `nested.py`), a
+    trainable variable outside the rules' layers, or more than one output of
+    a graph. A model that is not a graph of layers (a subclassed model, the
+    wrapper of `noisy()`) is covered through the layers it calls.
     """
     if not _backend.LAYER_ROWS:
         return None
@@ -83,19 +90,44 @@ def plan(model, rules=None):
     if not layers or model.non_trainable_variables:
         return None
     covered = {id(v) for layer in layers for v in layer.trainable_weights}
-    if covered != {id(v) for v in model.trainable_variables} or len(getattr(model, "outputs", None) or []) != 1:
+    if covered != {id(v) for v in model.trainable_variables}:
         return None
+    if not getattr(model, "outputs", None):  # not a graph of layers (a subclassed model, `noisy()`'s wrapper)
+        pairs = nested.covered(model, rules)  # every layer it calls is reached inside its `call`
+        return None if pairs is None else Plan(model, [], [], tuple(pairs))
+    if len(model.outputs) != 1:
+        return None
+    direct, direct_rules, inner = [], [], []
+    for layer in layers:
+        # A layer with a rule is captured from the graph; one without, through the sublayers it calls.
+        rule = rules_lib.lookup(rules, layer) and _graph_rule(layer, rules)
+        if rule is not None:
+            direct.append(layer)
+            direct_rules.append(rule)
+            continue
+        pairs = nested.covered(layer, rules) if rules_lib.lookup(rules, layer) is None else None
+        if pairs is None:
+            return None
+        inner.extend(pairs)
     try:
-        captured = [(layer.input, layer.output) for layer in layers]
+        captured = [(layer.input, layer.output) for layer in direct]
         capture_model = keras.Model(model.inputs, [model.outputs[0], *captured])
-    except (AttributeError, ValueError, TypeError):  # not a graph of layers (a subclassed model), or disconnected
+    except (AttributeError, ValueError, TypeError):  # disconnected
         return None
-    if any(not hasattr(t, "shape") for pair in captured for t in pair):  # several inputs or outputs: no rule's
+    if len({id(layer) for layer, _ in inner}) != len(inner):  # a sublayer shared by two layers
         return None
-    layer_rules = [rules_lib.rule_for(layer, tuple(a.shape), rules) for layer, (a, _) in zip(layers, captured)]
-    if None in layer_rules:
+    return Plan(capture_model, direct, direct_rules, tuple(inner))
+
+
+def _graph_rule(layer, rules):
+    """The rule of a layer of the model's graph, from its one input's shape, or `None`."""
+    try:
+        a, out = layer.input, layer.output
+    except (AttributeError, ValueError):  # called more than once in the graph, or not in it
         return None
-    return Plan(capture_model, layers, layer_rules)
+    if not (hasattr(a, "shape") and hasattr(out, "shape")):  # several inputs or outputs: no rule's
+        return None
+    return rules_lib.rule_for(layer, tuple(a.shape), rules)
 
 
 Captured = collections.namedtuple(
@@ -104,17 +136,23 @@ Captured = collections.namedtuple(
 
 
 def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
-    """One batched training-mode pass of the capture model, or `None` (a convolution's sizes unknown).
+    """One batched training-mode pass of the capture model, or `None` (the caller forms `G`).
 
     Returns a `Captured`: the predictions, the `[B]` per-example losses
     `s_i l_i * data_scale`, one rule instance per layer of the plan (its rows,
-    Gram share and cross terms), the `mismatch` of the rebuilt batch
-    gradients, the gradients of the regularization losses times
-    `regularization_scale` (one per trainable variable, or `None` without
-    regularization) and the trainable values.
+    Gram share and cross terms; the graph's layers, then the nested ones), the
+    `mismatch` of the rebuilt batch gradients, the gradients of the
+    regularization losses times `regularization_scale` (one per trainable
+    variable, or `None` without regularization) and the trainable values.
+    `None` where a traced step lost a convolution's spatial sizes, or a
+    nested layer did not run exactly once or meets an input its rule does
+    not cover.
     """
     loss_fn = loss_function(model, loss)
     capture_model = plan_.capture
+    inner = [layer for layer, _ in plan_.nested]
+    layers_ = [*plan_.layers, *inner]
+    rules_ = [*plan_.rules, *(rule for _, rule in plan_.nested)]
     # Leaves of their own (PyTorch): the pass's graph stays out of the caller's.
     values = {id(v): _backend.leaf(v.value) for v in capture_model.trainable_variables}
     trainable = [values[id(v)] for v in model.trainable_variables]
@@ -122,16 +160,25 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     batch_size = batch_size_of(x)
     # The check compares one variable's batch gradient per layer (a bias where there is one: cheap) with the
     # one rebuilt from the captured values.
-    checked = [values[id(rule.checked(layer))] for layer, rule in zip(plan_.layers, plan_.rules)]
+    checked = [values[id(rule.checked(layer))] for layer, rule in zip(layers_, rules_)]
     dtype = trainable[0].dtype
     found = {}
+    # `stateless_call` hands its keywords to `call`: a subclassed model's may not take `training`.
+    takes = inspect.signature(capture_model.call).parameters
+    training = {"training": True} if "training" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()) else {}
 
     def forward():
-        outputs, _, reg_losses = capture_model.stateless_call(  # no state: `plan` refuses models with any
-            [values[id(v)] for v in capture_model.trainable_variables], non_trainable, x, training=True,
-            return_losses=True,
-        )
-        y_pred, captured = outputs[0], outputs[1:]
+        records = {}
+        with nested.intercepting(inner, records):
+            outputs, _, reg_losses = capture_model.stateless_call(  # no state: `plan` refuses models with any
+                [values[id(v)] for v in capture_model.trainable_variables], non_trainable, x, return_losses=True,
+                **training,
+            )
+        if any(len(records.get(id(layer), ())) != 1 for layer in inner):
+            raise _NotOnce
+        # The capture model returns the predictions and the graph's pairs; a model without a graph, its own.
+        y_pred, graph_pairs = (outputs, []) if capture_model is model else (outputs[0], outputs[1:])
+        captured = [*graph_pairs, *(records[id(layer)][0] for layer in inner)]
         losses = ops.cast(loss_fn(y, y_pred, sample_weight, batch_size), dtype) * ops.cast(data_scale, dtype)
         regularization = (
             sum(ops.cast(r, dtype) for r in reg_losses) * ops.cast(regularization_scale, dtype) if reg_losses else None
@@ -142,22 +189,31 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
         found.update(y_pred=y_pred, captured=captured, losses=losses, logits=logits)
         return ops.sum(losses), regularization, [out for _, out in captured] + logits + checked
 
-    grads, reg_grads = _backend.gradients_at(forward, trainable)
-    n = len(plan_.layers)
+    try:
+        grads, reg_grads = _backend.gradients_at(forward, trainable)
+    except _NotOnce:  # a nested layer applied twice, or not at all: its input and output are not one pair
+        return None
+    n = len(layers_)
     out_grads, logit_grads, checked_grads = grads[:n], grads[n : 2 * n], grads[2 * n :]
     _detach(found)
-    layers = []
+    captured_rules = []
     mismatch = ops.convert_to_tensor(0.0, "float64")
-    for layer, rule, (a, out), out_grad, logit, logit_grad, checked_grad in zip(
-        plan_.layers, plan_.rules, found["captured"], out_grads, found["logits"], logit_grads, checked_grads
-    ):
+    for index, (layer, rule, (a, out), out_grad, logit, logit_grad, checked_grad) in enumerate(zip(
+        layers_, rules_, found["captured"], out_grads, found["logits"], logit_grads, checked_grads
+    )):
+        if index >= len(plan_.layers) and not rule.covers(layer, tuple(a.shape)):  # `plan` checked the graph's
+            return None
         grads_there = Gradients(out_grad, logit, logit_grad)
         values_there = rule.capture(layer, a, out, grads_there, values)
         if values_there is None:
             return None
         mismatch = ops.maximum(mismatch, _relative_error(values_there.rebuilt(), checked_grad))
-        layers.append(values_there)
-    return Captured(found["y_pred"], found["losses"], layers, mismatch, reg_grads, trainable)
+        captured_rules.append(values_there)
+    return Captured(found["y_pred"], found["losses"], captured_rules, mismatch, reg_grads, trainable)
+
+
+class _NotOnce(Exception):
+    """A nested layer of the plan did not run exactly once in the pass."""
 
 
 def _detach(found):
@@ -188,7 +244,7 @@ def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regu
     if captured is None:
         return None
     by_variable = {}
-    for layer, rule in zip(plan_.layers, captured.layers):
+    for layer, rule in zip([*plan_.layers, *(layer for layer, _ in plan_.nested)], captured.layers):
         for variable, variable_rows in zip(rule.variables(layer), rule.rows()):
             by_variable[id(variable)] = variable_rows
     return [by_variable[id(v)] for v in model.trainable_variables], captured

@@ -139,11 +139,10 @@ def _shared():
     return model
 
 
-def _attention():
+def _recurrent():
     keras.utils.set_random_seed(7)
     inputs = keras.Input((3, 4))
-    hidden = keras.layers.MultiHeadAttention(2, 2)(inputs, inputs)
-    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(hidden))
+    outputs = keras.layers.Dense(3)(keras.layers.LSTM(2)(inputs))
     model = kn.NoisyModel(inputs, outputs)
     model.compile(kn.NoisyGD(0.1, noise="none"), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -162,35 +161,79 @@ def _conv():
 
 
 class _Subclassed(keras.Model):
-    def __init__(self):
+    def __init__(self, own_weight=False):
         super().__init__()
+        self.hidden = keras.layers.Dense(4, activation="tanh")
         self.dense = keras.layers.Dense(3)
+        self.scale = self.add_weight(shape=(), initializer="ones") if own_weight else None
 
     def call(self, inputs):
-        return self.dense(inputs)
+        outputs = self.dense(self.hidden(inputs))
+        return outputs * self.scale if self.scale is not None else outputs
 
 
 def test_models_outside_the_rule_are_refused_before_any_data(float64):
-    subclassed = _Subclassed()
-    subclassed(tf.zeros([1, 5]))
+    own_weight = _Subclassed(own_weight=True)  # a variable of its own, in no layer with a rule
+    own_weight(tf.zeros([1, 5]))
     dilated = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 2, dilation_rate=2)))
     causal = kn.NoisyModel(*_io(keras.layers.Conv1D(2, 2, padding="causal")))
-    for model in (subclassed, _coupled(keras.layers.BatchNormalization()), dilated, causal):  # BN: gamma, beta
+    for model in (own_weight, _coupled(keras.layers.BatchNormalization()), dilated, causal):  # BN: gamma, beta
         assert layer_rows.plan(model) is None
+
+
+def test_a_subclassed_model_gets_the_layer_rows_of_the_layers_it_calls(float64):
+    keras.utils.set_random_seed(16)
+    model = _Subclassed()
+    model.compile(kn.NoisyGD(0.1, noise="none"), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data((5,))
+    model(x)
+    plan = layer_rows.plan(model)
+    assert plan is not None and not plan.layers and len(plan.nested) == 2  # no graph: both reached in `call`
+    assert per_example.compute(model, x, y).method == "layers"
+    gram, mismatch = gram_lib.gram(plan, model, x, y)
+    loop = _loop_rows(model, x, y, np.ones(B))
+    np.testing.assert_allclose(gram.numpy(), loop @ loop.T, **TOL)
+    assert float(mismatch) < 1e-12
+    rows = kn.per_example_gradients(model, x, y)
+    flat = np.concatenate([np.reshape(g.numpy(), (B, -1)) for g in rows], axis=1)
+    np.testing.assert_allclose(flat, loop, **TOL)
 
 
 @pytest.mark.parametrize(
     "build, shape",
     [(lambda: _coupled(keras.layers.BatchNormalization(center=False, scale=False)), (5,)),  # statistics only
-     (lambda: _coupled(keras.layers.Dropout(0.3)), (5,)), (_attention, (3, 4))],
-    ids=["batchnorm", "dropout", "multi-head-attention"],
+     (lambda: _coupled(keras.layers.Dropout(0.3)), (5,)), (_recurrent, (3, 4))],
+    ids=["batchnorm", "dropout", "recurrent"],
 )
 def test_coupled_or_sequence_models_give_no_layer_gram(float64, build, shape):
     model = build()
     x, y = _data(shape)
-    # Refused before any data: state (BN statistics, a Dropout seed), or a layer whose variables are its
-    # sublayers' (MultiHeadAttention calls its EinsumDense projections inside its own call: not captured).
+    # Refused before any data: state (BN statistics, a Dropout seed), or a layer whose variables no rule
+    # holds (an LSTM's are its cell's, which has no rule and no sublayers).
     assert layer_rows.plan(model) is None
+
+
+def test_a_nested_layer_applied_twice_falls_back_to_g_and_stays_exact(float64):
+    model = _nested("twice")
+    x, y = _data((3, 4))
+    plan = layer_rows.plan(model)
+    assert plan is not None and len(plan.nested) == 6  # query, key, value, output, the norm, the Dense
+    # The block's Dense runs on two inputs: no one (input, output) pair describes it, so no layer rows.
+    assert layer_rows.capture(plan, model, x, y) is None
+    result = per_example.compute(model, x, y)
+    assert result.method == "jacobian"
+    flat = np.concatenate([np.reshape(g.numpy(), (B, -1)) for g in result.rows()], axis=1)
+    np.testing.assert_allclose(flat, _loop_rows(model, x, y, np.ones(B)), **TOL)
+
+
+def test_monitor_builds_the_gram_of_an_attention_model_from_the_layers(float64):
+    model = _nested("attention")
+    x, y = _inputs(("ids", (4,), 9), seed=2)
+    probe = gram_lib.ProbeGram(model)
+    k = probe(x, y)
+    assert probe.source == "layers"  # not G: the projections inside MultiHeadAttention are captured
+    loop = _loop_rows(model, x, y, np.ones(B))
+    np.testing.assert_allclose(k, loop @ loop.T, **TOL)
 
 
 def test_a_layer_applied_twice_shows_in_the_mismatch(float64):
@@ -309,7 +352,39 @@ def _einsum(kind):
     return _compiled(inputs, layers.Dense(3)(hidden))
 
 
+class _Block(keras.layers.Layer):
+    """A transformer block as a layer of its own: attention, then a feed-forward Dense, each with a residual."""
+
+    def __init__(self, twice=False, **kwargs):
+        super().__init__(**kwargs)
+        self.twice = twice
+        self.attention = keras.layers.MultiHeadAttention(2, 3)
+        self.norm = keras.layers.LayerNormalization()
+        self.dense = keras.layers.Dense(4, activation="gelu", bias_initializer=keras.initializers.RandomNormal(0.5))
+
+    def call(self, x):
+        x = self.norm(x + self.attention(x, x))
+        x = x + self.dense(x)
+        return x + self.dense(x) if self.twice else x  # twice: one Dense applied to two inputs
+
+
+def _nested(kind):
+    """Layers reached inside another layer's call: MultiHeadAttention's projections, a block's layers."""
+    keras.utils.set_random_seed(15)
+    layers = keras.layers
+    if kind == "attention":  # Embedding -> self-attention -> LayerNormalization, as in a text encoder
+        inputs = keras.Input((4,), dtype="int32")
+        hidden = layers.Embedding(9, 6)(inputs)
+        hidden = layers.LayerNormalization()(layers.MultiHeadAttention(2, 3)(hidden, hidden))
+    else:
+        inputs = keras.Input((3, 4))
+        hidden = _Block(twice=kind == "twice")(inputs)
+    return _compiled(inputs, layers.Dense(3)(layers.GlobalAveragePooling1D()(hidden)))
+
+
 NEW_RULES = {
+    "nested-attention": (lambda: _nested("attention"), ("ids", (4,), 9)),
+    "nested-block": (lambda: _nested("block"), (3, 4)),
     "dense-sequence": (lambda: _einsum("dense-sequence"), (3, 4)),
     "einsum-heads": (lambda: _einsum("heads"), (3, 4)),
     "einsum-ellipsis": (lambda: _einsum("ellipsis"), (3, 4)),
@@ -332,6 +407,11 @@ def _inputs(spec, seed=0):
     # -1 is the table's last row (keras.ops.take wraps negative ids): the rows must wrap them the same way.
     ids = rng.integers(-1, vocabulary, (B, *shape)).astype("int32")
     return tf.constant(ids), tf.constant(rng.integers(0, 3, B))
+
+
+def _general(name):
+    """The general method to compare with: "jacobian" for attention (tf.vectorized_map aborts on it)."""
+    return "jacobian" if name.startswith("nested") else "vectorized"
 
 
 def _loop_rows(model, x, y, sample_weight):
@@ -358,7 +438,7 @@ def test_embedding_and_layernorm_rules_give_the_gram_of_the_loop_and_of_the_gene
     gram, mismatch = gram_lib.gram(plan, model, x, y, sample_weight=sample_weight)
     loop = _loop_rows(model, x, y, sample_weight)
     np.testing.assert_allclose(gram.numpy(), loop @ loop.T, **TOL)
-    general = kn.per_example_gradients(model, x, y, sample_weight=sample_weight, method="vectorized")
+    general = kn.per_example_gradients(model, x, y, sample_weight=sample_weight, method=_general(name))
     flat = np.concatenate([np.reshape(g.numpy(), (B, -1)) for g in general], axis=1)
     np.testing.assert_allclose(gram.numpy(), flat @ flat.T, **TOL)
     assert float(mismatch) < 1e-12
@@ -381,7 +461,7 @@ def test_embedding_and_layernorm_rows_equal_the_loop_and_the_general_path(float6
     public = kn.per_example_gradients(model, x, y, sample_weight=sample_weight)
     for fast, chosen in zip(rows, public):
         np.testing.assert_allclose(fast, chosen, **TOL)
-    general = kn.per_example_gradients(model, x, y, sample_weight=sample_weight, method="vectorized")
+    general = kn.per_example_gradients(model, x, y, sample_weight=sample_weight, method=_general(name))
     for fast, slow in zip(rows, general):
         np.testing.assert_allclose(fast, slow, **TOL)
 

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.all_backends
 
 BACKEND = keras.backend.backend()
 B = 8
-KINDS = ["dense", "regularized", "conv1d", "conv2d", "embedding", "layernorm", "einsum", "batchnorm", "dropout"]
+KINDS = ["dense", "regularized", "conv1d", "conv2d", "embedding", "layernorm", "einsum", "attention", "batchnorm",
+         "dropout"]
 COUPLED = ["batchnorm", "dropout"]
 
 
@@ -56,6 +57,9 @@ def _model(kind):
     elif kind == "embedding":
         inputs = keras.Input((4,), dtype="int32")
         hidden = layers.Flatten()(layers.Embedding(11, 3)(inputs))
+    elif kind == "attention":  # MultiHeadAttention: its projections are reached inside its own call
+        inputs = keras.Input((3, 4))
+        hidden = layers.Flatten()(layers.MultiHeadAttention(2, 3)(inputs, inputs))
     elif kind == "einsum":  # a transformer's projections: EinsumDense to heads and back, Dense on the sequence
         inputs = keras.Input((3, 4))
         bias = keras.initializers.RandomNormal(stddev=0.5)
@@ -86,7 +90,7 @@ def _data(kind, dtype, n=B, seed=0):
     if kind == "embedding":
         x = rng.integers(0, 11, (n, 4)).astype("int32")
     else:
-        shapes = {"conv1d": (9, 2), "conv2d": (6, 6, 2), "einsum": (3, 4)}
+        shapes = {"conv1d": (9, 2), "conv2d": (6, 6, 2), "einsum": (3, 4), "attention": (3, 4)}
         x = rng.normal(size=(n, *shapes.get(kind, (5,)))).astype(dtype)
     return x, rng.integers(0, 3, n)
 

@@ -11,13 +11,14 @@ gradient at example `i`'s (pre-activation) output:
                         it broadcasts along
     Conv1D / Conv2D     kernel sum_t a_i[t s + o] d_i[t]^T at each offset o (one batched matmul per
                         offset), bias sum_t d_i[t]
-    Embedding           the table's row v: sum over the positions s with id_is = v of d_is (a scatter-add);
+    Embedding           (and ReversibleEmbedding called forward) the table's row v: sum over the positions s with id_is = v of d_is (a scatter-add);
                         K_ij += sum_{s,t} [id_is = id_jt] <d_is, d_jt>
     LayerNormalization  gamma sum_t x_i[t] * d_i[t], beta sum_t d_i[t] over the positions t outside
                         `axis`, x the normalised input (x - mean) / sqrt(var + epsilon)
 
-One module per layer type (`dense.py`, `einsum_dense.py`, `convolution.py`, `embedding.py`,
-`layer_normalization.py`); `base.py` has the contract (`Rule`) and what the
+One module per layer type (`dense.py`, `einsum_dense.py`, `convolution.py`,
+`embedding.py`, `layer_normalization.py`; `keras_hub.py` for KerasHub's
+`PositionEmbedding`, loaded with the first KerasHub layer met); `base.py` has the contract (`Rule`) and what the
 rules share. `RULES` is the explicit table the layer path takes (a caller
 may pass its own). A rule class says before any data whether it covers a layer (`covers`, on its
 configuration and input shape); an instance, built from the captured values,
@@ -31,11 +32,12 @@ from __future__ import annotations
 
 import keras
 
+from keras_noisygd.per_example.rules import keras_hub as keras_hub_rules
 from keras_noisygd.per_example.rules.base import Gradients, Rule
 from keras_noisygd.per_example.rules.convolution import ConvolutionRule
 from keras_noisygd.per_example.rules.dense import DenseRule
 from keras_noisygd.per_example.rules.einsum_dense import EinsumDenseRule
-from keras_noisygd.per_example.rules.embedding import EmbeddingRule
+from keras_noisygd.per_example.rules.embedding import EmbeddingRule, ReversibleEmbeddingRule
 from keras_noisygd.per_example.rules.layer_normalization import LayerNormalizationRule
 
 __all__ = ["RULES", "register_rule", "rule_for", "Rule", "Gradients"]
@@ -49,6 +51,10 @@ RULES = {
     keras.layers.LayerNormalization: LayerNormalizationRule,
 }
 """The layer rules by layer type (`register_rule` adds to it)."""
+if hasattr(keras.layers, "ReversibleEmbedding"):  # Keras >= 3.13; KerasHub's models use it
+    RULES[keras.layers.ReversibleEmbedding] = ReversibleEmbeddingRule
+
+_KERAS_HUB = []  # non-empty once KerasHub's rules are in `RULES`
 
 
 def register_rule(layer_type, rule):
@@ -81,8 +87,16 @@ def register_rule(layer_type, rule):
     RULES[layer_type] = rule
 
 
-def _lookup(table, layer):
-    """The rule of `layer`'s type, else of a registered base class whose `call` it keeps."""
+def lookup(table, layer):
+    """The rule of `layer`'s type, else of a registered base class whose `call` it keeps.
+
+    The first KerasHub layer met adds KerasHub's embedding rules to `RULES`
+    (`rules/keras_hub.py`; KerasHub stays optional).
+    """
+    if table is RULES and type(layer).__module__.startswith("keras_hub") and not _KERAS_HUB:
+        _KERAS_HUB.append(True)
+        for layer_type, rule in keras_hub_rules.table().items():
+            RULES.setdefault(layer_type, rule)  # a user's own registration comes first
     rule = table.get(type(layer))
     if rule is not None:
         return rule
@@ -95,14 +109,17 @@ def _lookup(table, layer):
 def rule_for(layer, input_shape, rules=None):
     """The rule class for `layer` with inputs of `input_shape`, or `None` (not covered: the caller forms `G`).
 
+    `input_shape=None` (a layer called inside another's `call`, with no graph
+    to read it from) leaves `covers` to the caller, on the input it meets.
+
     `rules` is a table `{layer class: rule class}`, `RULES` by default. A
     subclass of a listed type matches only where it keeps that type's `call`
     (it may compute something else otherwise). A layer with
     LoRA, quantization or a compute dtype other than its variables' dtype
     (mixed precision) is not covered.
     """
-    rule = _lookup(RULES if rules is None else rules, layer)
-    if rule is None or not rule.covers(layer, input_shape):
+    rule = lookup(RULES if rules is None else rules, layer)
+    if rule is None or (input_shape is not None and not rule.covers(layer, input_shape)):
         return None
     plain = (
         not getattr(layer, "lora_enabled", False)

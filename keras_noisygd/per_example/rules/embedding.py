@@ -69,3 +69,19 @@ class EmbeddingRule(Rule):
     def cross(self, shared):
         r = ops.take(f64(shared[id(self.layer.embeddings)]), self.ids, axis=0)  # [B, S, D]: r at each id
         return ops.sum(f64(self.d) * r, axis=(1, 2))
+
+
+class ReversibleEmbeddingRule(EmbeddingRule):
+    """`ReversibleEmbedding` (tied weights: one table) called forward, as `Embedding`.
+
+    Its reverse call (`reverse=True`, the projection back onto the vocabulary)
+    is another function: refused where the output is not `ids.shape +
+    (output_dim,)`, and a layer called both ways (a language model's head)
+    runs twice, which the caller refuses too.
+    """
+
+    @classmethod
+    def capture(cls, layer, a, out, grads, values):
+        if tuple(out.shape) != (*a.shape, layer.output_dim):
+            return None
+        return super().capture(layer, a, out, grads, values)
