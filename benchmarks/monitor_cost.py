@@ -44,8 +44,8 @@ from keras_noisygd.per_example import layer_rows  # noqa: E402
 WAYS = ("none", "auto", "per_example")  # no monitor, and the monitor's two methods
 
 
-# A real transformer (KerasHub's BERT from a config, nothing downloaded; `--models bert_tiny`): its
-# attention's projections are out of the layer path's reach, so the monitor forms `G` either way.
+# A real transformer (KerasHub's BERT from a config, nothing downloaded; `--models bert_tiny`): the layer
+# path reaches its attention's projections inside each block, so `auto` builds `K` without `G`.
 BERT = dict(vocabulary_size=1000, num_layers=2, num_heads=4, hidden_dim=64, intermediate_dim=128,
             max_sequence_length=32, dropout=0.0)
 CHOICES = (*MODELS, "bert_tiny")
