@@ -41,6 +41,8 @@ def record(variable, messages, conditions, weights):
     `messages` maps each code to its message parts (recorded while tracing);
     a failure already recorded is kept.
     """
+    if _backend.draws_on_host(weights) and _passed_on_host(conditions, weights):
+        return  # an eager step on a CPU, where reading the values back is cheaper than ~20 small operations
     code = ops.where(ops.all(ops.isfinite(weights)), 0, len(conditions) + 1)
     values = [ops.zeros((), _backend.COUNTER_DTYPE)] * 2
     for index in reversed(range(len(conditions))):
@@ -55,6 +57,13 @@ def record(variable, messages, conditions, weights):
     new = ops.stack([ops.cast(code, _backend.COUNTER_DTYPE), *values])
     old = variable.value
     variable.assign(ops.where(ops.equal(old[0], 0), new, old))
+
+
+def _passed_on_host(conditions, weights):
+    """Whether every condition holds and every weight is finite, read back to the host."""
+    return all(bool(ops.convert_to_numpy(ok)) for ok, _ in conditions) and bool(
+        ops.convert_to_numpy(ops.all(ops.isfinite(weights)))
+    )
 
 
 def message(record_value, messages):

@@ -209,6 +209,8 @@ class NoiseMixin:
         """`(update, micro-step)`: the index of the update the next step belongs to, and its place in it."""
         counter = self._noise_state.value[1]
         k = self.gradient_accumulation_steps or 1
+        if k == 1:
+            return counter, 0  # every step is an update (two operations fewer in an eager step)
         return ops.floor_divide(counter, k), ops.mod(counter, k)
 
     def _check_micro_batch(self, step_size, micro_step):
@@ -282,13 +284,8 @@ class NoiseMixin:
         b = self.emulate_batch_size
         if isinstance(b, keras.optimizers.schedules.LearningRateSchedule):
             b = keras.optimizers.schedules.serialize(b)
-        config.update(
-            noise=noise_lib.serialize(self.noise),
-            emulate_batch_size=b,
-            seed=self.seed,
-            engine=self.engine,
-            chunk_size=self.chunk_size,
-        )
+        config.update(noise=noise_lib.serialize(self.noise), emulate_batch_size=b, seed=self.seed,
+                      engine=self.engine, chunk_size=self.chunk_size)
         return config
 
 

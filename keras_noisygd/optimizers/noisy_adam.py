@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_noisygd.optimizers.bases import keras_class
 from keras_noisygd.optimizers.docs import with_noise_args
 from keras_noisygd.optimizers.mixin import NoiseMixin
 
@@ -12,7 +13,7 @@ _register = keras.saving.register_keras_serializable(package="keras_noisygd")
 
 @_register
 @with_noise_args
-class NoisyAdam(NoiseMixin, keras.optimizers.Adam):
+class NoisyAdam(NoiseMixin, keras_class(keras.optimizers.Adam)):
     """`keras.optimizers.Adam` on the multiplicative-noise gradient.
 
     The noise contract is `NoisyGD`'s; Adam's moments see the noisy gradient
@@ -44,7 +45,7 @@ class NoisyAdam(NoiseMixin, keras.optimizers.Adam):
 
 @_register
 @with_noise_args
-class NoisyAdamW(NoiseMixin, keras.optimizers.AdamW):
+class NoisyAdamW(NoiseMixin, keras_class(keras.optimizers.AdamW)):
     """`keras.optimizers.AdamW` on the multiplicative-noise gradient (decoupled decay is not noised).
 
     Positional arguments are `keras.optimizers.AdamW`'s (`NoisyAdamW(1e-3,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import keras
 
+from keras_noisygd.optimizers.bases import keras_class
 from keras_noisygd.optimizers.docs import with_noise_args
 from keras_noisygd.optimizers.mixin import NoiseMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_noisygd")
 @with_noise_args
-class NoisyGD(NoiseMixin, keras.optimizers.SGD):
+class NoisyGD(NoiseMixin, keras_class(keras.optimizers.SGD)):
     """Multiplicative-noise gradient descent (the paper's MSGD), on `keras.optimizers.SGD`.
 
     Each step draws per-example loss weights `m` with `E[m_i] = 1` from the

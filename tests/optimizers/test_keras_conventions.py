@@ -136,3 +136,24 @@ def test_noise_check_is_not_saved_so_older_files_still_load(tmp_path):
     restored = keras.saving.load_model(path)
     np.testing.assert_array_equal(to_numpy(restored.optimizer.noise_state), to_numpy(model.optimizer.noise_state))
     assert to_numpy(restored.optimizer.noise_state).tolist() == [5, 2]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_the_update_rule_is_the_one_keras_builds_on_this_backend(cls):
+    from keras_noisygd import _backend
+
+    stock = getattr(keras.optimizers, {"NoisyGD": "SGD"}.get(cls.__name__, cls.__name__[5:]))(0.05)
+    noisy = cls(0.05, seed=0)
+    # On PyTorch Keras builds a fused (`torch._foreach`) subclass for `SGD()`, `Adam()`, `AdamW()`.
+    assert isinstance(noisy, type(stock))
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(3, 2)).astype("float32"), rng.normal(size=(2,)).astype("float32")]
+    ours, theirs = ([keras.Variable(v) for v in start] for _ in range(2))
+    for _ in range(3):
+        grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in start]
+        noisy.noise_weights(64)  # `apply` refuses a step that drew no weights
+        _backend.apply_gradients(noisy, grads, ours)
+        _backend.apply_gradients(stock, grads, theirs)
+    # The same class's arithmetic on the same inputs: equal to the bit.
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
