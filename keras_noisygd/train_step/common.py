@@ -33,9 +33,8 @@ def report_loss(model, loss, batch_size, weights):
     `FailedNoiseCheck` stops `fit`; with several `tf.distribute` replicas,
     where it cannot be skipped, `keras.callbacks.TerminateOnNaN` stops on it.
     """
-    if not (_backend.draws_on_host(weights) and ops.size(weights) > 0 and bool(ops.all(ops.isfinite(weights)))):
-        usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))  # else: read on the host
-        loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
+    usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))
+    loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
     replicas = _backend.num_replicas()
     for metric in model.metrics:
         if metric.name == "loss":

@@ -9,7 +9,7 @@ import pytest
 from helpers import classification_data, mlp, to_numpy
 
 import keras_noisygd as kn
-from keras_noisygd import noise
+from keras_noisygd import _backend, noise
 from keras_noisygd.optimizers.docs import NOISE_ARGS
 
 pytestmark = pytest.mark.all_backends
@@ -140,8 +140,6 @@ def test_noise_check_is_not_saved_so_older_files_still_load(tmp_path):
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 def test_the_update_rule_is_the_one_keras_builds_on_this_backend(cls):
-    from keras_noisygd import _backend
-
     stock = getattr(keras.optimizers, {"NoisyGD": "SGD"}.get(cls.__name__, cls.__name__[5:]))(0.05)
     noisy = cls(0.05, seed=0)
     # On PyTorch Keras builds a fused (`torch._foreach`) subclass for `SGD()`, `Adam()`, `AdamW()`.
