@@ -30,6 +30,9 @@ The interface, by concern:
 * **Gradients.** `gradients(loss_fn, variables)` and
   `apply_gradients(optimizer, gradients, variables)` of a train step;
   `run_if(condition, function)`: an update skipped where a check failed;
+  `accumulate_across_replicas(optimizer, grads, variables)`: a gradient
+  accumulation micro-step where Keras's own cannot run (several
+  `tf.distribute` replicas, keras-team/keras#20582), `False` elsewhere;
   `gradients_at(forward, trainable)`: the gradients at tensors computed
   inside one pass (the layer rows), whose trainable values are `leaf(value)`s; `activation_gradient(fn, z, cotangent)`;
   the function transforms `vjp(f, primals)`, `grad(f)`, `vmap(f, in_axes)`
@@ -55,7 +58,7 @@ INTERFACE = (
     "NAME", "STATELESS", "LAYER_ROWS", "VMAP_FORWARD", "SCALAR_SUMMARIES",
     "COUNTER_DTYPE", "SEED_DTYPE", "WORD_DTYPE", "wide_float",
     "wrap", "shift_left", "shift_right", "sort_keys", "draws_on_host",
-    "gradients", "apply_gradients", "run_if", "gradients_at", "leaf", "activation_gradient", "vjp", "grad", "vmap",
+    "gradients", "apply_gradients", "run_if", "accumulate_across_replicas", "gradients_at", "leaf", "activation_gradient", "vjp", "grad", "vmap",
     "asserted", "is_traced", "compiled", "sync_state",
     "DrawRecord", "global_batch", "num_replicas",
     "summary_writer", "write_scalars",
@@ -91,6 +94,7 @@ draws_on_host = _current.draws_on_host
 gradients = _current.gradients
 apply_gradients = _current.apply_gradients
 run_if = _current.run_if
+accumulate_across_replicas = _current.accumulate_across_replicas
 gradients_at = _current.gradients_at
 leaf = _current.leaf
 activation_gradient = _current.activation_gradient

@@ -71,6 +71,10 @@ def apply_gradients(optimizer, gradients, variables):
     optimizer.apply_gradients(zip(gradients, variables))
 
 
+def accumulate_across_replicas(optimizer, grads, variables):
+    return False  # Keras's own accumulation runs (several devices included: the step sees the global batch)
+
+
 def run_if(condition, function):
     """`function()` where `condition` holds. Inside `jax.jit` it always runs: the step that called the
     optimizer keeps its old values where the condition fails (`train_step.jax`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_noisygd._backend import tf_accumulation
 from keras_noisygd._backend._common import DrawRecordBase, no_transforms
 
 NAME = "tensorflow"
@@ -89,6 +90,17 @@ def run_if(condition, function):
         return tf.constant(True)
 
     tf.cond(tf.cast(condition, tf.bool), run, lambda: tf.constant(False))
+
+
+def accumulate_across_replicas(optimizer, grads, variables):
+    """Applies an accumulation micro-step where Keras's own cannot (several replicas; `tf_accumulation`).
+
+    Returns whether it did; if not, Keras's `_backend_apply_gradients` runs.
+    """
+    if not tf_accumulation.applies(optimizer):
+        return False
+    tf_accumulation.apply_gradients(optimizer, grads, variables)
+    return True
 
 
 def gradients_at(forward, trainable):

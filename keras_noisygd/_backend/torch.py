@@ -71,6 +71,10 @@ def apply_gradients(optimizer, gradients, variables):
         optimizer.apply_gradients(zip(gradients, variables))
 
 
+def accumulate_across_replicas(optimizer, grads, variables):
+    return False  # Keras's own accumulation runs (distributed data parallel is refused)
+
+
 def run_if(condition, function):
     """`function()` where `condition` holds (the step is eager)."""
     if bool(condition):

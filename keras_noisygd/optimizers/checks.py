@@ -75,6 +75,16 @@ def message(record_value, messages):
     return " ".join(p if isinstance(p, str) else str(next(filled, "?")) for p in parts)
 
 
+def same_micro_batch(first_size, step_size, micro_step, k):
+    """Records the first micro-batch's size in `first_size`; the run-time condition that this one has the same size."""
+    size = ops.cast(step_size, _backend.COUNTER_DTYPE)
+    expected = ops.where(ops.equal(micro_step, 0), size, first_size.value)
+    first_size.assign(expected)
+    message = [MICRO_BATCH.format(k=k), "Received: a micro-batch of", size,
+               "examples in an update whose first micro-batch had", expected]
+    return [(ops.equal(size, expected), message)]
+
+
 def emulated_batch_size(b, update):
     """`(b, run-time conditions)` at `update`: `None`, an int, or a schedule's rounded value (float32)."""
     if not isinstance(b, keras.optimizers.schedules.LearningRateSchedule):

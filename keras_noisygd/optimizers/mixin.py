@@ -110,10 +110,9 @@ class NoiseMixin:
 
         Under gradient accumulation (`gradient_accumulation_steps=k`) the
         weights are the micro-step's slice of one draw for the whole update of
-        `k` micro-batches (see the class docstring). A micro-batch whose size
-        differs from the first micro-batch of its update is an error (in a
-        compiled step: recorded, and the update skipped), since the update's draw was sized
-        for `k` equal micro-batches.
+        `k` micro-batches (see the class docstring). A micro-batch of another
+        size than its update's first is an error (in a compiled step: recorded,
+        and the update skipped): the draw was sized for `k` equal micro-batches.
 
         Under a `tf.distribute` strategy with several replicas in sync
         (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), call it in replica
@@ -124,7 +123,9 @@ class NoiseMixin:
         global batch: the noise is calibrated to SGD(`b`) out of the global
         batch size, and coupled noise classes (centred, SGD sampling) stay
         coupled across replicas. The global size and offset come from an
-        `all_gather` of the local sizes, so uneven splits are covered.
+        `all_gather` of the local sizes, so uneven splits are covered. With
+        accumulation too, replica `r` of micro-step `j` gets `[j C + o_r, ...)`
+        of the update's draw, `C` the global micro-batch size.
 
         Args:
             batch_size: Number `B` of examples in the step (in this replica's
@@ -139,12 +140,12 @@ class NoiseMixin:
         step_size, offset = _backend.global_batch(batch_size, type(self).__name__)
         update, micro_step = self._update_position()
         update_size, conditions = step_size, []
-        if self.gradient_accumulation_steps:
-            if offset is not None:
-                raise ValueError(validation.NO_DISTRIBUTED_ACCUMULATION.format(k=self.gradient_accumulation_steps))
-            update_size = self.gradient_accumulation_steps * step_size
-            conditions = self._check_micro_batch(step_size, micro_step)
-            offset = micro_step * ops.cast(step_size, _backend.COUNTER_DTYPE)
+        if self.gradient_accumulation_steps:  # micro-step j of global size C (over replicas): [j C, (j + 1) C)
+            k = self.gradient_accumulation_steps
+            update_size = k * step_size
+            conditions = checks.same_micro_batch(self._micro_batch_size, step_size, micro_step, k)
+            start = micro_step * ops.cast(step_size, _backend.COUNTER_DTYPE)
+            offset = start if offset is None else start + ops.cast(offset, _backend.COUNTER_DTYPE)
         weights, schedule_conditions = self._draw_update(update, update_size, dtype)
         conditions = conditions + schedule_conditions
         if ops.is_tensor(batch_size):  # an empty batch (TensorFlow's traced step sees its size at run time)
@@ -213,16 +214,6 @@ class NoiseMixin:
             return counter, 0  # every step is an update (two operations fewer in an eager step)
         return ops.floor_divide(counter, k), ops.mod(counter, k)
 
-    def _check_micro_batch(self, step_size, micro_step):
-        """Records the first micro-batch's size; the run-time condition that this one has the same size."""
-        size = ops.cast(step_size, _backend.COUNTER_DTYPE)
-        expected = ops.where(ops.equal(micro_step, 0), size, self._micro_batch_size.value)
-        self._micro_batch_size.assign(expected)
-        k = self.gradient_accumulation_steps
-        message = [checks.MICRO_BATCH.format(k=k), "Received: a micro-batch of", size,
-                   "examples in an update whose first micro-batch had", expected]
-        return [(ops.equal(size, expected), message)]
-
     def _draw_update(self, update, size, dtype):
         """`(weights, run-time conditions)`: the draw of update `update`, of `size` examples in all."""
         seed = ops.stack([self._noise_state.value[0], ops.cast(update, _backend.COUNTER_DTYPE)])
@@ -270,6 +261,11 @@ class NoiseMixin:
             _backend.run_if(ops.equal(self._noise_check.value[0], 0), update)
         else:
             update()
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        # Keras's accumulation cannot run under several tf.distribute replicas (keras-team/keras#20582).
+        if not _backend.accumulate_across_replicas(self, grads, trainable_variables):
+            super()._backend_apply_gradients(grads, trainable_variables)
 
     def save_own_variables(self, store):
         """Keras's, without `noise_check` (run-time state), so files stay those of earlier versions."""

@@ -18,16 +18,6 @@ NO_NOISE_DRAWN = (
     "`apply_gradients`. Received: gradients for {count} variables, with no noise weights drawn for their step."
 )
 
-NO_DISTRIBUTED_ACCUMULATION = (
-    "Argument `gradient_accumulation_steps` cannot be combined with a tf.distribute strategy of several "
-    "replicas: Keras applies accumulated gradients inside a `tf.cond`, which cannot hold the strategy's "
-    "cross-replica reduction (`merge_call`), so even a stock `keras.optimizers.SGD` fails there "
-    "(keras-team/keras#20582). Use a per-replica batch that fits and no accumulation under the strategy, "
-    "or accumulate on one device. Received: gradient_accumulation_steps={k} under "
-    "`tf.distribute` with several replicas"
-)
-
-
 
 def emulate_batch_size(b):
     """`None`, an int >= 1 (NumPy ints too) or a `LearningRateSchedule` (also from its config)."""

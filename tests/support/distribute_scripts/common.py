@@ -19,6 +19,11 @@ import keras_noisygd as kn
 # (noise, emulate_batch_size): two classes whose weights are coupled across the batch
 # (centred Gaussian: the mean of eps is removed; SGD sampling: a b-subset) and one that is not.
 NOISES = {"gaussian_centered": 4, "sgd": 4, "bernoulli": 4}
+# Every noise class, for the full-batch runs in micro-batches (gradient accumulation) on several replicas.
+ALL_NOISES = {name: 4 for name in kn.noise.NAMES if name != "none"}
+ACCUMULATION = 2  # micro-batches of BATCH // 2 per update of BATCH examples
+DECAY = {"weight_decay": 0.05}  # Keras's decoupled weight decay, applied inside an accumulated update
+CLIP = {"clipnorm": 0.5}  # Keras clips each replica's gradient before the all-reduce (docs/distributed.md)
 
 # A tiny run of examples/multi_worker.py's training function (float32).
 EXAMPLE_ARGS = argparse.Namespace(steps=3, batch_size=32, emulate_batch_size=4, noise="sgd")
@@ -48,7 +53,7 @@ def initial_weights(features=5, hidden=7, classes=3, seed=1):
             rng.normal(size=(hidden, classes)) / 2, rng.normal(size=classes) / 10]
 
 
-def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted", accumulation=None):
+def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted", accumulation=None, **optimizer_kwargs):
     """A compiled float64 `NoisyModel` (L2 regularizer, momentum) with fixed initial weights."""
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         inputs = keras.Input((5,))
@@ -57,7 +62,7 @@ def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted", acc
         model.set_weights(initial_weights())
         optimizer = kn.NoisyGD(
             0.2, noise=noise, emulate_batch_size=emulate_batch_size, momentum=0.5, seed=seed, engine=engine,
-            gradient_accumulation_steps=accumulation,
+            gradient_accumulation_steps=accumulation, **optimizer_kwargs,
         )
         model.compile(optimizer, "sparse_categorical_crossentropy")
         optimizer.build(model.trainable_variables)
@@ -66,16 +71,16 @@ def build(noise, emulate_batch_size, seed, strategy=None, engine="weighted", acc
 
 def train(
     noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, sample_weight=None, engine="weighted",
-    accumulation=None,
+    accumulation=None, **optimizer_kwargs,
 ):
     """Fits in order (`shuffle=False`) and returns the model; `accumulation` micro-batches per update."""
-    model = build(noise, emulate_batch_size, seed, strategy, engine, accumulation)
+    model = build(noise, emulate_batch_size, seed, strategy, engine, accumulation, **optimizer_kwargs)
     x, y = data(n)
     model.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
     return model
 
 
-def train_loop(noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, loss=None):
+def train_loop(noise, emulate_batch_size, n, batch_size, epochs, seed=7, strategy=None, loss=None, accumulation=None):
     """The same run as `train`, in a custom training loop (`noise_weights`, `noisy_gradients`).
 
     Under a strategy every replica passes its own batch size to `noise_weights`
@@ -84,7 +89,7 @@ def train_loop(noise, emulate_batch_size, n, batch_size, epochs, seed=7, strateg
     of `noisy_gradients`.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    model = build(noise, emulate_batch_size, seed, strategy)
+    model = build(noise, emulate_batch_size, seed, strategy, accumulation=accumulation)
     optimizer = model.optimizer
     x, y = data(n)
     batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat(epochs)

@@ -5,7 +5,8 @@
 
 Each worker runs a few steps of examples/multi_worker.py's training function
 (float32), then the `common.NOISES` runs in the custom training loop (Keras 3's
-`fit` does not run under `MultiWorkerMirroredStrategy`), and writes the final
+`fit` does not run under `MultiWorkerMirroredStrategy`), and every noise class
+with gradient accumulation (micro-batches), and writes the final
 weights and noise states to OUT_DIR/worker_I.npz.
 """
 
@@ -29,5 +30,9 @@ if __name__ == "__main__":
         model = common.train_loop(noise, b, N, BATCH, EPOCHS, strategy=strategy)
         results[f"{noise}/weights"] = np.concatenate([w.ravel() for w in model.get_weights()])
         results[f"{noise}/noise_state"] = np.asarray(model.optimizer.noise_state.value)
+    for noise, b in common.ALL_NOISES.items():  # full-batch noisy GD in micro-batches across the two workers
+        model = common.train_loop(noise, b, N, BATCH // common.ACCUMULATION, EPOCHS, strategy=strategy,
+                                  accumulation=common.ACCUMULATION)
+        results[f"accumulation/{noise}/weights"] = np.concatenate([w.ravel() for w in model.get_weights()])
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     np.savez(os.path.join(sys.argv[1], f"worker_{index}.npz"), **results)
