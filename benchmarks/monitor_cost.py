@@ -86,9 +86,15 @@ def build(name, batch_size):
     model.compile(
         kn.NoisyGD(0.01, noise="gaussian_centered", emulate_batch_size=max(1, batch_size // 4), seed=0),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=False,
+        jit_compile=JIT,
     )
     return model, (x, y), data
+
+
+# JAX's step compiled (`jax.jit`, its `fit`'s default: eager JAX runs op by op); TensorFlow without XLA (its
+# convolutions are 4x slower with XLA on a CPU), PyTorch eager: each backend's fast way on this machine.
+JIT = keras.backend.backend() == "jax"
+COMPILED = "jax.jit" if JIT else "XLA off"
 
 
 def callbacks(way, probe):
@@ -96,7 +102,7 @@ def callbacks(way, probe):
 
 
 def time_pass(args):
-    print(f"batch = probe = {args.batch_size}, monitor every step, {args.steps} steps x {args.rounds} rounds, XLA off")
+    print(f"batch = probe = {args.batch_size}, monitor every step, {args.steps} steps x {args.rounds} rounds, {COMPILED}")
     print(f"{'model':<20} {'step ms':>8} {'auto ms':>8} {'source':>11} {'ratio':>14} {'per_ex ms':>10} {'ratio':>14}")
     for name in args.models.split(","):
         model, probe, data = build(name, args.batch_size)
@@ -124,7 +130,7 @@ def whole_fit_pass(args):
     """Whole `fit` calls of `--fit-steps` steps with `NoiseMonitor(every_n_steps=1)` (`auto`) against without:
     what a user's `fit` costs, host-side work of every measurement (syncs, NumPy statistics, the callback),
     `fit`'s start and end included."""
-    print(f"\nwhole fit calls of {args.fit_steps} steps, batch = probe = {args.batch_size}, {args.rounds} rounds, XLA off")
+    print(f"\nwhole fit calls of {args.fit_steps} steps, batch = probe = {args.batch_size}, {args.rounds} rounds, {COMPILED}")
     print(f"{'model':<20} {'fit s':>8} {'with monitor s':>15} {'ratio':>18}")
     for name in args.models.split(","):
         model, probe, data = build(name, args.batch_size)

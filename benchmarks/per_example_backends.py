@@ -1,16 +1,17 @@
 """`per_example_gradients` on each Keras backend, against that backend's own plain batch gradient.
 
-For the paper's CNN and the MLP 784-256-256-10 of `step_time.py` at each batch
-size B, on the backend this process runs (`KERAS_BACKEND`):
+For the paper's CNN and the MLP 784-256-256-10 of `step_time.py` and the wide CNN (c) of
+`per_example.py` at each batch size B, on the backend this process runs (`KERAS_BACKEND`):
 
 - plain      : the gradient of the mean loss over the batch through `model.stateless_call`, compiled
                the way the backend compiles a training step (TensorFlow `tf.function(jit_compile=True)`,
                JAX `jax.jit(jax.grad)`, PyTorch eager autograd);
-- per-example: `keras_noisygd.per_example_gradients` (TensorFlow: the layer rows inside
-               `tf.function(jit_compile=True)`; JAX: `jax.vmap(jax.grad)`, compiled once; PyTorch:
-               `torch.func` vmap over the batched backward pass, eager).
+- per-example: `keras_noisygd.per_example_gradients`: the layer rows of one batched pass on every
+               backend (TensorFlow: inside `tf.function(jit_compile=True)`; JAX: compiled once by the
+               package, `jax.jit`; PyTorch: eager).
 
-Medians over repetitions after one warm-up call; the ratio per-example / plain is measured in the same
+The last column is the floor of returning `G`: a compiled function that writes a fresh `[B, d]` float32
+array. Medians over repetitions after one warm-up call; the ratio per-example / plain is measured in the same
 process, so it holds on a noisy machine where the absolute times do not. `--all-backends` runs the script
 once per backend, each in a process of its own, one after the other, and prints the tables together.
 
@@ -30,11 +31,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from step_time import MODELS  # noqa: E402  (benchmarks/ is the script's folder)
+from step_time import MODELS as STEP_MODELS  # noqa: E402  (benchmarks/ is the script's folder)
 
 import keras_noisygd as kn  # noqa: E402
 
 BACKEND = keras.backend.backend()
+
+
+def wide_cnn():
+    """Model (c) of `per_example.py`: a wider Conv2D + Dense network, 598,786 parameters."""
+    return [
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(360, activation="relu"),
+        keras.layers.Dense(10),
+    ]
+
+
+MODELS = {**STEP_MODELS, "wide_cnn": (wide_cnn, (28, 28, 1))}
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -99,9 +117,33 @@ def per_example(model, x, y):
     return lambda: kn.per_example_gradients(model, x, y)
 
 
+def write_floor(batch_size, size):
+    """`fn()` that writes a fresh `[B, d]` float32 array in a compiled function: the floor of returning `G`.
+
+    Each call returns a new buffer, as `per_example_gradients` does; a runtime
+    whose allocator hands back fresh pages (JAX on a CPU) pays their first
+    touch here too.
+    """
+    shape = (batch_size, size)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        fill = tf.function(lambda s: tf.fill(shape, s), jit_compile=True)
+        return lambda: fill(tf.constant(1.5))
+    if BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        fill = jax.jit(lambda s: jnp.full(shape, s, "float32"))
+        return lambda: fill(1.5)
+    import torch
+
+    return lambda: torch.full(shape, 1.5, dtype=torch.float32)
+
+
 def run(batch_sizes, repeats):
     print(f"backend {BACKEND}: median seconds over {repeats} calls")
-    print(f"{'model':20s} {'B':>5s} {'plain ms':>9s} {'per-ex ms':>10s} {'ratio':>7s}")
+    print(f"{'model':20s} {'B':>5s} {'plain ms':>9s} {'per-ex ms':>10s} {'ratio':>7s} {'write B x d ms':>15s}")
     rng = np.random.default_rng(0)
     for name, (layers_fn, shape) in MODELS.items():
         for batch_size in batch_sizes:
@@ -112,7 +154,9 @@ def run(batch_sizes, repeats):
             y = keras.ops.convert_to_tensor(rng.integers(0, 10, batch_size))
             plain = median_seconds(plain_gradient(model, x, y), repeats)
             rows = median_seconds(per_example(model, x, y), repeats)
-            print(f"{name:20s} {batch_size:5d} {plain * 1e3:9.2f} {rows * 1e3:10.2f} {rows / plain:7.2f}", flush=True)
+            floor = median_seconds(write_floor(batch_size, model.count_params()), repeats)
+            print(f"{name:20s} {batch_size:5d} {plain * 1e3:9.2f} {rows * 1e3:10.2f} {rows / plain:7.2f} "
+                  f"{floor * 1e3:15.2f}", flush=True)
 
 
 def main(argv=None):

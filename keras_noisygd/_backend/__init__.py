@@ -13,7 +13,7 @@ The interface, by concern:
 * **What the backend is and can do.** `NAME`; `STATELESS`: the trainer passes
   the variables' values in and out of a compiled step (JAX), so a compiled
   function must take values, never read variables; `LAYER_ROWS`: one
-  batched pass gives the gradient at each layer's output (not JAX, yet);
+  batched pass gives the gradient at each layer's output (all three);
   `VMAP_FORWARD`: `vmap` runs every Keras forward pass (not PyTorch's
   `torch.func.vmap`, which cannot run Conv2D's); `SCALAR_SUMMARIES`:
   `tf.summary` writers (TensorFlow).
@@ -34,7 +34,9 @@ The interface, by concern:
   accumulation micro-step where Keras's own cannot run (several
   `tf.distribute` replicas, keras-team/keras#20582), `False` elsewhere;
   `gradients_at(forward, trainable)`: the gradients at tensors computed
-  inside one pass (the layer rows), whose trainable values are `leaf(value)`s; `activation_gradient(fn, z, cotangent)`;
+  inside one pass (the layer rows), each marked `gradient_point(t)` where it
+  is made (JAX adds a zero perturbation there), whose trainable values are
+  `leaf(value)`s; `activation_gradient(fn, z, cotangent)`;
   the function transforms `vjp(f, primals)`, `grad(f)`, `vmap(f, in_axes)`
   of JAX and `torch.func` (TensorFlow's engine uses `tf.vectorized_map`
   over a tape instead, in `per_example/tape_engine.py`).
@@ -58,7 +60,8 @@ INTERFACE = (
     "NAME", "STATELESS", "LAYER_ROWS", "VMAP_FORWARD", "SCALAR_SUMMARIES",
     "COUNTER_DTYPE", "SEED_DTYPE", "WORD_DTYPE", "wide_float",
     "wrap", "shift_left", "shift_right", "sort_keys", "draws_on_host",
-    "gradients", "apply_gradients", "run_if", "accumulate_across_replicas", "gradients_at", "leaf", "activation_gradient", "vjp", "grad", "vmap",
+    "gradients", "apply_gradients", "run_if", "accumulate_across_replicas",
+    "gradients_at", "gradient_point", "leaf", "activation_gradient", "vjp", "grad", "vmap",
     "asserted", "is_traced", "compiled", "sync_state",
     "DrawRecord", "global_batch", "num_replicas",
     "summary_writer", "write_scalars",
@@ -96,6 +99,7 @@ apply_gradients = _current.apply_gradients
 run_if = _current.run_if
 accumulate_across_replicas = _current.accumulate_across_replicas
 gradients_at = _current.gradients_at
+gradient_point = _current.gradient_point
 leaf = _current.leaf
 activation_gradient = _current.activation_gradient
 vjp = _current.vjp

@@ -9,14 +9,18 @@ as one sharded array: one draw over it is already the global draw.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
+import jax.numpy as jnp
 import keras
 
 from keras_noisygd._backend._common import DrawRecordBase, no_summaries
 
 NAME = "jax"
 STATELESS = True
-LAYER_ROWS = False  # no gradient at an intermediate output of one pass (yet)
+LAYER_ROWS = True  # gradients at intermediate values: zero perturbations there (`gradient_point`)
 VMAP_FORWARD = True
 SCALAR_SUMMARIES = False
 
@@ -84,11 +88,89 @@ def run_if(condition, function):
         function()
 
 
+class _Points:
+    """The gradient points of one pass of `gradients_at`: their shapes, and the zero perturbation at each."""
+
+    def __init__(self, perturbations=None):
+        self.perturbations = perturbations  # None: the abstract pass that finds their shapes
+        self.shapes, self.index, self.alive = [], {}, []
+
+    def add(self, value):
+        k = len(self.shapes)
+        self.shapes.append(jax.ShapeDtypeStruct(value.shape, value.dtype))
+        point = value if self.perturbations is None else value + self.perturbations[k]
+        self.index[id(value)] = self.index[id(point)] = k
+        self.alive.extend((value, point))  # kept alive: no other array takes their ids during the pass
+        return point
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def _pass(perturbations=None):
+    previous = getattr(_ACTIVE, "points", None)
+    _ACTIVE.points = points = _Points(perturbations)
+    try:
+        yield points
+    finally:
+        _ACTIVE.points = previous
+
+
+def gradient_point(value):
+    """`value` plus the zero perturbation of its place in the pass `gradients_at` runs (`value` outside one).
+
+    JAX differentiates with respect to a function's inputs only; the gradient
+    with respect to a zero perturbation added at an intermediate value is the
+    gradient at that value.
+    """
+    points = getattr(_ACTIVE, "points", None)
+    return value if points is None else points.add(value)
+
+
 def gradients_at(forward, trainable):
-    raise NotImplementedError(
-        "`_backend.gradients_at` (the gradient at a layer's output of one batched pass) has no JAX "
-        "implementation: check `_backend.LAYER_ROWS` first."
-    )
+    """See the TensorFlow module. Every target and trainable value must be a `gradient_point` of `forward`,
+    and `forward` must use a trainable value only through its point (as `stateless_call` does with the
+    values it is passed).
+
+    An abstract pass (`jax.eval_shape`: no computation) finds the points'
+    shapes; one `jax.vjp` with respect to a zero perturbation at each gives
+    the gradients of the total, and of the regularization, at all of them.
+    `kept` comes out of the VJP's trace as its auxiliary outputs, one array
+    per distinct array (the rules tell a logit from an output by identity).
+    """
+
+    def find_shapes():
+        with _pass() as points:
+            forward()
+        found.extend(points.shapes)
+
+    found, layout = [], {}
+    jax.eval_shape(find_shapes)
+
+    def of_perturbations(perturbations):
+        with _pass(perturbations) as points:
+            total, regularization, targets, kept = forward()
+            layout["targets"] = [points.index[id(t)] for t in targets]
+            layout["trainable"] = [points.index.get(id(t)) for t in trainable]
+        leaves = keras.tree.flatten(kept)
+        distinct = {}
+        layout["kept"] = (kept, [distinct.setdefault(id(leaf), (len(distinct), leaf))[0] for leaf in leaves])
+        layout["regularized"] = regularization is not None
+        regularization = jnp.zeros((), total.dtype) if regularization is None else regularization
+        return (total, regularization), [leaf for _, leaf in distinct.values()]
+
+    zeros = [jnp.zeros(shape.shape, shape.dtype) for shape in found]
+    (total, regularization), backward, distinct = jax.vjp(of_perturbations, zeros, has_aux=True)
+    (at_points,) = backward((jnp.ones_like(total), jnp.zeros_like(regularization)))
+    target_grads = [at_points[k] for k in layout["targets"]]
+    reg_grads = None
+    if layout["regularized"]:
+        (at_points,) = backward((jnp.zeros_like(total), jnp.ones_like(regularization)))
+        reg_grads = [jnp.zeros_like(t) if k is None else at_points[k] for k, t in zip(layout["trainable"], trainable)]
+    structure, positions = layout["kept"]
+    kept = keras.tree.pack_sequence_as(structure, [distinct[p] for p in positions])
+    return target_grads, reg_grads, kept
 
 
 def leaf(value):

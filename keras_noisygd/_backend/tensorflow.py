@@ -104,16 +104,25 @@ def accumulate_across_replicas(optimizer, grads, variables):
 
 
 def gradients_at(forward, trainable):
-    """`forward() -> (total, regularization or None, targets)`; the gradients of `total` at `targets`
-    (tensors computed inside `forward`) and of `regularization` at `trainable` (or `None`)."""
+    """`forward() -> (total, regularization or None, targets, kept)`; `(the gradients of total at targets,
+    those of regularization at trainable or None, kept)`.
+
+    `targets` are tensors computed inside `forward` (each first passed through
+    `gradient_point` where it was made) or trainable values; `kept` is any nest
+    of the pass's values the caller reads afterwards.
+    """
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(trainable)
-        total, regularization, targets = forward()
+        total, regularization, targets, kept = forward()
     target_grads = tape.gradient(total, targets, unconnected_gradients=_ZERO)
     reg_grads = None
     if regularization is not None:
         reg_grads = tape.gradient(regularization, trainable, unconnected_gradients=_ZERO)
-    return list(target_grads), reg_grads
+    return list(target_grads), reg_grads, kept
+
+
+def gradient_point(value):
+    return value  # a tape differentiates at any tensor it saw
 
 
 def leaf(value):

@@ -82,16 +82,20 @@ def run_if(condition, function):
 
 
 def gradients_at(forward, trainable):
-    """See the TensorFlow module; the caller detaches what `forward` captured."""
+    """See the TensorFlow module; the caller detaches what `forward` kept."""
     with torch.enable_grad():
-        total, regularization, targets = forward()
+        total, regularization, targets, kept = forward()
         target_grads = torch.autograd.grad(
             total, targets, retain_graph=regularization is not None, allow_unused=True, materialize_grads=True
         )
         reg_grads = None
         if regularization is not None:
             reg_grads = list(torch.autograd.grad(regularization, trainable, allow_unused=True, materialize_grads=True))
-    return list(target_grads), reg_grads
+    return list(target_grads), reg_grads, kept
+
+
+def gradient_point(value):
+    return value  # autograd differentiates at any tensor of the graph
 
 
 def leaf(value):

@@ -46,8 +46,8 @@ class NoiseMonitor(keras.callbacks.Callback):
     `sum_{s,t} [id_is = id_jt] <d_is, d_jt>` over the positions (or the
     products of its rows, where the vocabulary is below positions^2), a
     convolution or LayerNormalization the products of its small per-example
-    rows, all from one batched forward and backward pass. Other models,
-    `method="per_example"`, and every model on JAX form `G`
+    rows, all from one batched forward and backward pass (on every backend).
+    Other models and `method="per_example"` form `G`
     with `per_example_gradients`. After a measurement, `gram_source` says
     which was used: `"layers"` or `"per_example"`.
 

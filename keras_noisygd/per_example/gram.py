@@ -16,7 +16,7 @@ from keras_noisygd.per_example.compute import compute
 from keras_noisygd.per_example.rules.base import f64
 
 
-def gram(plan_, model, x, y, sample_weight=None, loss=None):
+def gram(plan_, model, x, y, sample_weight=None, loss=None, trainable_values=None):
     """`(K, mismatch)` in float64 for the probe batch, or `None` (a convolution's sizes unknown here).
 
     `K_ij = <G_i, G_j>` for the rows of `per_example_gradients`,
@@ -24,9 +24,10 @@ def gram(plan_, model, x, y, sample_weight=None, loss=None):
     regularization losses), so `K = Gamma + u 1^T + 1 u^T + |r|^2` with
     `u_i = <gamma_i, r>`. `mismatch` is the largest relative difference
     between the rebuilt and the true batch gradients of the checked variables
-    (~1e-7 in float32 when the path applies).
+    (~1e-7 in float32 when the path applies). `trainable_values`: as for
+    `layer_rows.capture`.
     """
-    captured = layer_rows.capture(plan_, model, x, y, sample_weight, loss)
+    captured = layer_rows.capture(plan_, model, x, y, sample_weight, loss, trainable_values=trainable_values)
     if captured is None:
         return None
     k = sum(f64(rule.gram()) for rule in captured.layers)
@@ -66,7 +67,7 @@ class ProbeGram:
         if self._plan is not None:
             if self._from_layers is None:
                 self._from_layers = _backend.compiled(self._layers_gram)
-            result = self._from_layers(x, y, sample_weight)
+            result = self._from_layers(self._trainable_values(), x, y, sample_weight)
             if result is not None and float(result[1]) <= layer_rows.TOLERANCE:
                 self.source = "layers"
                 return ops.convert_to_numpy(result[0])
@@ -78,8 +79,12 @@ class ProbeGram:
                       [v.value for v in self.model.non_trainable_variables])
         return ops.convert_to_numpy(self._from_rows(values, x, y, sample_weight))
 
-    def _layers_gram(self, x, y, sample_weight):
-        return gram(self._plan, self.model, x, y, sample_weight=sample_weight, loss=self.loss)
+    def _trainable_values(self):
+        """The values a compiled JAX function must be passed (it would keep those it was traced with)."""
+        return [v.value for v in self.model.trainable_variables] if _backend.STATELESS else None
+
+    def _layers_gram(self, trainable_values, x, y, sample_weight):
+        return gram(self._plan, self.model, x, y, sample_weight, self.loss, trainable_values)
 
     def _rows_gram(self, values, x, y, sample_weight):
         """`K` from the rows of `per_example_gradients` at the trainable and non-trainable `values`."""

@@ -72,7 +72,7 @@ def plan(model, rules=None):
 
     `rules` is the table of layer rules, `{layer class: rule class}`
     (`rules.RULES` by default). `None` where the backend has no gradient at
-    an intermediate output (`_backend.LAYER_ROWS`: JAX), for a model with any
+    an intermediate output (`_backend.LAYER_ROWS`), for a model with any
     non-trainable variable (BatchNormalization's and
     GhostBatchNormalization's statistics couple the examples in training;
     Dropout, GaussianNoise and random layers keep a seed and need the batch
@@ -135,7 +135,8 @@ Captured = collections.namedtuple(
 )
 
 
-def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
+def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0,
+            trainable_values=None):
     """One batched training-mode pass of the capture model, or `None` (the caller forms `G`).
 
     Returns a `Captured`: the predictions, the `[B]` per-example losses
@@ -146,7 +147,8 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     variable, or `None` without regularization) and the trainable values.
     `None` where a traced step lost a convolution's spatial sizes, or a
     nested layer did not run exactly once or meets an input its rule does
-    not cover.
+    not cover. `trainable_values`: the values of `model.trainable_variables`
+    to use instead of the variables' own (a compiled JAX function passes them in).
     """
     loss_fn = loss_function(model, loss)
     capture_model = plan_.capture
@@ -154,7 +156,9 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     layers_ = [*plan_.layers, *inner]
     rules_ = [*plan_.rules, *(rule for _, rule in plan_.nested)]
     # Leaves of their own (PyTorch): the pass's graph stays out of the caller's.
-    values = {id(v): _backend.leaf(v.value) for v in capture_model.trainable_variables}
+    if trainable_values is None:
+        trainable_values = [v.value for v in model.trainable_variables]
+    values = {id(v): _backend.leaf(value) for v, value in zip(model.trainable_variables, trainable_values)}
     trainable = [values[id(v)] for v in model.trainable_variables]
     non_trainable = [v.value for v in capture_model.non_trainable_variables]
     batch_size = batch_size_of(x)
@@ -162,17 +166,18 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     # one rebuilt from the captured values.
     checked = [values[id(rule.checked(layer))] for layer, rule in zip(layers_, rules_)]
     dtype = trainable[0].dtype
-    found = {}
     # `stateless_call` hands its keywords to `call`: a subclassed model's may not take `training`.
     takes = inspect.signature(capture_model.call).parameters
     training = {"training": True} if "training" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()) else {}
 
     def forward():
         records = {}
-        with nested.intercepting(inner, records):
+        # Every layer of the plan returns its output as a gradient point (JAX differentiates there), and
+        # so is every trainable value (the checked ones and the regularization's gradients are taken there).
+        with nested.intercepting(layers_, records, _backend.gradient_point):
             outputs, _, reg_losses = capture_model.stateless_call(  # no state: `plan` refuses models with any
-                [values[id(v)] for v in capture_model.trainable_variables], non_trainable, x, return_losses=True,
-                **training,
+                [_backend.gradient_point(values[id(v)]) for v in capture_model.trainable_variables], non_trainable,
+                x, return_losses=True, **training,
             )
         if any(len(records.get(id(layer), ())) != 1 for layer in inner):
             raise _NotOnce
@@ -186,11 +191,11 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
         # Keras's softmax and sigmoid keep their input on the output, and its crossentropies read the loss from
         # those logits (the pre-activation z): the loss then reaches z directly, not through the output.
         logits = [getattr(out, "_keras_logits", out) for _, out in captured]
-        found.update(y_pred=y_pred, captured=captured, losses=losses, logits=logits)
-        return ops.sum(losses), regularization, [out for _, out in captured] + logits + checked
+        kept = dict(y_pred=y_pred, captured=captured, losses=losses, logits=logits)
+        return ops.sum(losses), regularization, [out for _, out in captured] + logits + checked, kept
 
     try:
-        grads, reg_grads = _backend.gradients_at(forward, trainable)
+        grads, reg_grads, found = _backend.gradients_at(forward, trainable)
     except _NotOnce:  # a nested layer applied twice, or not at all: its input and output are not one pair
         return None
     n = len(layers_)
@@ -238,9 +243,10 @@ def _relative_error(rebuilt, true):
     )
 
 
-def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0):
+def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regularization_scale=1.0,
+         trainable_values=None):
     """`(G as one [B, *shape] tensor per trainable variable, Captured)`, or `None` (a convolution's sizes unknown)."""
-    captured = capture(plan_, model, x, y, sample_weight, loss, data_scale, regularization_scale)
+    captured = capture(plan_, model, x, y, sample_weight, loss, data_scale, regularization_scale, trainable_values)
     if captured is None:
         return None
     by_variable = {}
@@ -250,18 +256,19 @@ def rows(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, regu
     return [by_variable[id(v)] for v in model.trainable_variables], captured
 
 
-def per_example_rows(plan_, model, x, y, sample_weight, loss, weights, loss_scale):
+def per_example_rows(plan_, model, x, y, sample_weight, loss, weights, loss_scale, trainable_values=None):
     """`(gradients, Captured)` for `per_example.compute`, or `None` (a convolution's sizes unknown).
 
     `gradients` are the rows of `G` (each loss times `loss_scale`), or with
     `weights` their weighted mean `(1/B) sum_i weights_i G_i` (the `1/B` in
     the backward pass, as in the general methods). The caller checks
     `Captured.mismatch` and forms `G` the general way where it fails.
+    `trainable_values`: as for `capture`.
     """
     dtype = model.trainable_variables[0].dtype
     scale = ops.cast(loss_scale, dtype)
     data_scale = scale if weights is None else scale / ops.cast(batch_size_of(x), dtype)
-    fast = rows(plan_, model, x, y, sample_weight, loss, data_scale, scale)
+    fast = rows(plan_, model, x, y, sample_weight, loss, data_scale, scale, trainable_values)
     if fast is None:
         return None
     data_rows, captured = fast

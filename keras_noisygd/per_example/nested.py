@@ -68,13 +68,19 @@ def covered(layer, rules):
 
 
 @contextlib.contextmanager
-def intercepting(layers, records):
-    """While open, each call of a layer of `layers` appends `(input, output)` to `records[id(layer)]`."""
+def intercepting(layers, records, transform=None):
+    """While open, each call of a layer of `layers` appends `(input, output)` to `records[id(layer)]`.
+
+    `transform(output)`, where given, replaces the output the layer returns
+    (and records): `_backend.gradient_point`, so the pass can be differentiated there.
+    """
     for layer in layers:
         call = layer.call  # the bound method of the layer's class
 
         def recording(inputs, *args, _call=call, _key=id(layer), **kwargs):
             outputs = _call(inputs, *args, **kwargs)
+            if transform is not None:
+                outputs = transform(outputs)
             records.setdefault(_key, []).append((inputs, outputs))
             return outputs
 

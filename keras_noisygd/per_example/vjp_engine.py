@@ -22,6 +22,7 @@ arguments, with the variables' current values passed in.
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 
@@ -36,14 +37,21 @@ from keras_noisygd.per_example.result import PerExample, choose_method, weighted
 def compute(model, x, y, sample_weight, loss, loss_fn, chunk_size, method, weights, loss_scale, values=None):
     """`per_example.compute` on JAX and PyTorch (see there); `loss` is the user's argument behind `loss_fn`."""
     arguments = (model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale)
-    if _backend.LAYER_ROWS and method == "auto" and chunk_size is None and values is None:
+    if values is not None:  # JAX's stateless train step: the layer rows where their check holds (a `cond`)
+        if _backend.LAYER_ROWS and method == "auto" and chunk_size is None:
+            plan = layer_rows.cached_plan(model)
+            fast = None if plan is None else _rows(model, plan, loss, list(values[0]), x, y, sample_weight, weights,
+                                                   loss_scale)
+            if fast is not None:
+                return _checked(model, fast, lambda: _compute(*arguments, values))
+        return _compute(*arguments, values)
+    values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    traced = _backend.is_traced(values[0][0])  # inside a caller's jax.jit: no host read of the layer path's check
+    if _backend.LAYER_ROWS and method == "auto" and chunk_size is None and not traced:
         rows = _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale)
         if rows is not None:
             return rows
-    if values is not None:
-        return _compute(*arguments, values)
-    values = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-    if not _backend.STATELESS or _backend.is_traced(values[0][0]):
+    if not _backend.STATELESS or traced:
         return _compute(*arguments, values)
     # JAX, called from eager code: compiled once per model and arguments, with the values passed in (a compiled
     # function that read the variables would keep the values it was traced with).
@@ -74,16 +82,59 @@ def _compiled(model, loss, chunk_size, method, no_weights, no_sample_weight, los
 
 
 def _layer_rows(model, x, y, sample_weight, loss, weights, loss_scale):
-    """The `PerExample` of the layer rows, or `None` where they do not apply or their check fails (eager code)."""
+    """The `PerExample` of the layer rows, or `None` where they do not apply or their check fails (eager code).
+
+    On JAX the pass is compiled once per model and arguments (`jax.jit`), with
+    the trainable values passed in; on PyTorch it runs eagerly.
+    """
     plan = layer_rows.cached_plan(model)
     if plan is None:
         return None
-    fast = layer_rows.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale)
-    if fast is None or float(fast[1].mismatch) > layer_rows.TOLERANCE:  # eager: one host read of the check
+    trainable = [v.value for v in model.trainable_variables]
+    if _backend.STATELESS:
+        function = _compiled_rows(model, plan, loss, weights is None, sample_weight is None)
+    else:
+        function = functools.partial(_rows, model, plan, loss)
+    fast = function(trainable, x, y, sample_weight, weights, loss_scale)
+    if fast is None or float(fast[-1]) > layer_rows.TOLERANCE:  # one host read of the check
         return None  # a layer applied twice, say: the general method
-    gradients, captured = fast
+    gradients, regularization_gradients, losses, y_pred, _ = fast
     unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
-    return PerExample(gradients, captured.regularization_gradients, captured.losses, "layers", captured.y_pred, unchanged)
+    return PerExample(gradients, regularization_gradients, losses, "layers", y_pred, unchanged)
+
+
+def _checked(model, fast, general):
+    """The `PerExample` of the layer rows `fast`, or of `general()` where their check fails (`ops.cond`)."""
+
+    def slow():
+        result = general()
+        return result.gradients, result.regularization_gradients, result.losses, result.y_pred
+
+    chosen = ops.cond(fast[-1] <= layer_rows.TOLERANCE, lambda: fast[:4], slow)
+    unchanged = [None] * len(model.non_trainable_variables)  # the rows exist only where no state changes
+    return PerExample(*chosen[:3], "layers", chosen[3], unchanged)
+
+
+def _rows(model, plan, loss, trainable, x, y, sample_weight, weights, loss_scale):
+    """`(rows or their weighted sum, regularization gradients, losses, predictions, mismatch)`, or `None`."""
+    fast = layer_rows.per_example_rows(plan, model, x, y, sample_weight, loss, weights, loss_scale, trainable)
+    if fast is None:
+        return None
+    gradients, captured = fast
+    return gradients, captured.regularization_gradients, captured.losses, captured.y_pred, captured.mismatch
+
+
+_COMPILED_ROWS = weakref.WeakKeyDictionary()  # model -> {arguments: (plan, loss, compiled loss, function)}
+
+
+def _compiled_rows(model, plan, loss, no_weights, no_sample_weight):
+    cache = _COMPILED_ROWS.setdefault(model, {})
+    key = (no_weights, no_sample_weight)
+    entry = cache.get(key)
+    if entry is None or entry[0] is not plan or entry[1] is not loss or entry[2] is not getattr(model, "loss", None):
+        function = _backend.compiled(functools.partial(_rows, model, plan, loss))
+        entry = cache[key] = (plan, loss, getattr(model, "loss", None), function)
+    return entry[3]
 
 
 def _compute(model, x, y, sample_weight, loss_fn, chunk_size, method, weights, loss_scale, values):

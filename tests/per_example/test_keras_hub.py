@@ -71,7 +71,7 @@ def test_vectorized_map_over_attention_is_refused_rather_than_crashing():
 
 
 def test_noise_monitor_builds_the_gram_of_a_keras_hub_bert_from_the_layers():
-    from keras_noisygd import _backend, per_example
+    from keras_noisygd import per_example
     from keras_noisygd.per_example import gram as gram_lib
 
     model = kn.noisy(bert_classifier())
@@ -81,10 +81,9 @@ def test_noise_monitor_builds_the_gram_of_a_keras_hub_bert_from_the_layers():
     k = probe(x, y)
     # The layer path reaches the projections inside each block's attention, the block's Dense and
     # LayerNormalization layers, and KerasHub's ReversibleEmbedding and PositionEmbedding (their rules load
-    # with the first KerasHub layer): K without G. JAX has no layer path yet (it forms G there).
-    assert probe.source == ("per_example" if _backend.NAME == "jax" else "layers")
-    if _backend.NAME != "jax":
-        assert per_example.compute(model, x, y).method == "layers"
+    # with the first KerasHub layer): K without G, on every backend.
+    assert probe.source == "layers"
+    assert per_example.compute(model, x, y).method == "layers"
     rows = kn.per_example_gradients(model, x, y, method="jacobian")
     flat = np.concatenate([np.reshape(keras.ops.convert_to_numpy(g), (6, -1)) for g in rows], axis=1)
     # float32 rows and products summed in other orders (~1e-6 of the largest entry); a missing layer's share

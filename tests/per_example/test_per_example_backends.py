@@ -142,8 +142,8 @@ def test_rows_equal_an_explicit_loop_and_average_to_the_batch_gradient(precision
     result = per_example.compute(model, x, y)
     if kind in COUPLED:
         assert result.method == "jacobian"
-    else:  # the layer rows where there is a gradient at each layer's output (not on JAX)
-        assert result.method == ("vectorized" if BACKEND == "jax" else "layers")
+    else:  # the layer rows (JAX: the gradients at zero perturbations of the layers' outputs)
+        assert result.method == "layers"
     grads = kn.per_example_gradients(model, x, y)
     for g, expected, variable in zip(grads, _loop(model, x, y, batched=kind in COUPLED), model.trainable_variables):
         assert tuple(g.shape) == (B, *variable.shape)
@@ -274,7 +274,7 @@ def test_monitor_statistics_equal_numpy_from_the_explicit_gradient_matrix(precis
     for key, value in expected.items():
         np.testing.assert_allclose(last[key], value, rtol=max(rtol, 1e-6) if key == "noise_norm" else rtol, err_msg=key)
     assert history.history["noise/grad_norm"][-1] == last["grad_norm"]
-    assert monitor.gram_source == ("per_example" if BACKEND == "jax" else "layers")
+    assert monitor.gram_source == "layers"
 
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorBoard summaries are written on TensorFlow")
@@ -297,7 +297,6 @@ def test_rows_follow_the_weights_between_calls(precision):
         np.testing.assert_allclose(g, expected, **tol)
 
 
-@pytest.mark.skipif(BACKEND == "jax", reason="JAX has no gradient at a layer's output: the monitor forms G there")
 @pytest.mark.parametrize("kind", ["regularized", "conv1d", "conv2d", "embedding", "layernorm"])
 def test_gram_from_the_layers_equals_the_gram_of_G(precision, kind):
     from keras_noisygd.per_example import gram as gram_lib

@@ -88,8 +88,7 @@ def test_a_registered_rule_gives_exact_rows_on_the_layer_path(registered, float6
     model(x[:1])
     assert rules.rule_for(model.layers[1], (None, 5)) is ScaleRule
     result = per_example.compute(model, x, y)
-    if _backend.LAYER_ROWS:  # JAX has no gradient at an intermediate output: it forms G with vmap instead
-        assert result.method == "layers"
+    assert result.method == "layers"
     # float64 both ways: on TensorFlow the same sums in another order (~1e-15 relative). On PyTorch this loop
     # differs by up to ~1e-7 absolute from every batched method of the package, built-in rules and
     # method="vectorized" alike, for a plain Dense model too (seen 2026-12-06, cause not yet found; the
