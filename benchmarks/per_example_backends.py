@@ -32,24 +32,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from step_time import MODELS as STEP_MODELS  # noqa: E402  (benchmarks/ is the script's folder)
+from step_time import wide_cnn  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
 
 BACKEND = keras.backend.backend()
-
-
-def wide_cnn():
-    """Model (c) of `per_example.py`: a wider Conv2D + Dense network, 598,786 parameters."""
-    return [
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(32, 3, activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(360, activation="relu"),
-        keras.layers.Dense(10),
-    ]
 
 
 MODELS = {**STEP_MODELS, "wide_cnn": (wide_cnn, (28, 28, 1))}
