@@ -89,7 +89,7 @@ def test_mirrored_accumulation_with_ema_is_a_clear_error(mirrored):
     assert "keras-team/keras#20582" in message and "Received: use_ema=True, gradient_accumulation_steps=2, 2" in message
 
 
-def test_the_accumulation_comparison_can_tell_a_mis_sliced_draw(float64):
+def test_the_accumulation_comparison_can_tell_another_draw_apart(float64):
     # The tests above would pass with any draw if the runs hardly moved: another seed (a different draw,
     # same micro-batches) ends ~0.1 away, 1e8 times the tolerance.
     reference = flat(common.train("bernoulli", 4, N, BATCH, EPOCHS))
