@@ -55,7 +55,7 @@ class Gaussian(Sampler):
         return "gaussian_centered" if self.centered else "gaussian"
 
     def _sample(self, seed, n, dtype):
-        eps = threefry.normal(*threefry.words(seed, n, 0), dtype)
+        eps = threefry.normals(seed, n, 0, dtype)
         if self.centered:
             eps = eps - ops.mean(eps)
         return 1 + constant(self.std, dtype) * eps
@@ -129,7 +129,7 @@ class SparseGaussian(Sampler):
 
     def _sample(self, seed, n, dtype):
         mask = ops.cast(threefry.smallest(threefry.words(seed, n, 0)[0], self.num_noisy), dtype)
-        eps = threefry.normal(*threefry.words(seed, n, 1), dtype) * mask
+        eps = threefry.normals(seed, n, 1, dtype) * mask
         if self.centered:
             eps = (eps - ops.sum(eps) / constant(self.num_noisy, dtype)) * mask
         return 1 + constant(self.std, dtype) * eps

@@ -98,15 +98,43 @@ def words(seed, n, stream):
     `n` may be a scalar integer tensor on TensorFlow (a batch size known at run time).
     """
     dtype = _backend.WORD_DTYPE
+    host = _host_words(seed, n, stream)
+    if host is not None:
+        return tuple(ops.convert_to_tensor(w.astype(dtype)) for w in host)
     key = key_of(seed)
-    if _backend.draws_on_host(key[0]):  # `n` is a Python int there (an eager step)
-        index = np.arange(n, dtype=np.uint32)
-        host_key = [ops.convert_to_numpy(k) for k in key]
-        pair = threefry2x32_numpy(host_key, index, np.full(n, stream, np.uint32))
-        return tuple(ops.convert_to_tensor(w.astype(dtype)) for w in pair)
     index = ops.arange(n, dtype="int32")  # JAX has no int64; batch sizes stay far below 2**31
     index = ops.cast(index, dtype)
     return threefry2x32(key, index, ops.full(ops.shape(index), stream, dtype))
+
+
+def normals(seed, n, stream, dtype="float32"):
+    """`normal(*words(seed, n, stream), dtype)`: `n` standard normals of the stream `stream` of `seed`.
+
+    Where the words are drawn on the host, Box-Muller runs there too, in NumPy
+    `dtype` (float32 or float64), and the normals cross to the backend once:
+    each of its ~8 operations costs ~5 us as a `keras.ops` call in eager
+    PyTorch, ~1 us in NumPy. NumPy's `log1p` and `cos` may differ from the
+    backend's by a few ulps, as the backends differ from each other.
+    """
+    host = _host_words(seed, n, stream) if dtype in ("float32", "float64") else None
+    if host is None:
+        return normal(*words(seed, n, stream), dtype)
+    u0, u1 = (_host_uniform(w, dtype) for w in host)  # as `to_uniform`: the top 24 bits, exact
+    radius = np.sqrt(-2.0 * np.log1p(-u0))
+    return ops.convert_to_tensor(radius * np.cos((2.0 * math.pi) * u1))
+
+
+def _host_uniform(w, dtype):
+    return (w >> np.uint32(8)).astype(dtype) * np.asarray(2.0**-24, dtype)
+
+
+def _host_words(seed, n, stream):
+    """`words(seed, n, stream)` as NumPy `uint32` arrays where an eager step on a CPU draws on the host, else `None`."""
+    seed = ops.convert_to_tensor(seed)
+    if not _backend.draws_on_host(seed):
+        return None
+    key = ops.convert_to_numpy(seed).astype(np.int64) & 0xFFFFFFFF  # `n` is a Python int there (an eager step)
+    return threefry2x32_numpy(key, np.arange(n, dtype=np.uint32), np.full(n, stream, np.uint32))
 
 
 def to_uniform(w, dtype="float32"):
@@ -115,13 +143,15 @@ def to_uniform(w, dtype="float32"):
 
 
 def normal(w0, w1, dtype="float32"):
-    """Standard normals by Box-Muller from two word arrays, computed in `dtype`.
+    """Standard normals by Box-Muller from two word arrays, computed in `dtype` (float32 for a narrower one).
 
     The uniforms are exact; `log1p` and `cos` differ between backends and XLA by
-    a few ulps of `dtype`.
+    a few ulps of `dtype`. A 16-bit float cannot hold the 24-bit uniforms (they
+    would round to 1 and give infinite normals), so those normals are float32's, rounded.
     """
-    radius = ops.sqrt(-2.0 * ops.log1p(-to_uniform(w0, dtype)))  # 1 - u >= 2**-24: finite
-    return radius * ops.cos((2.0 * math.pi) * to_uniform(w1, dtype))
+    work = dtype if keras.backend.standardize_dtype(dtype) in ("float32", "float64") else "float32"
+    radius = ops.sqrt(-2.0 * ops.log1p(-to_uniform(w0, work)))  # 1 - u >= 2**-24: finite
+    return ops.cast(radius * ops.cos((2.0 * math.pi) * to_uniform(w1, work)), dtype)
 
 
 def below(w, n):

@@ -39,10 +39,11 @@ def record(variable, messages, conditions, weights):
     """Stores the first failing `(condition, message)` of `conditions` (or non-finite `weights`) in `variable`.
 
     `messages` maps each code to its message parts (recorded while tracing);
-    a failure already recorded is kept.
+    a failure already recorded is kept. Returns whether the host read back
+    that every check passed (then nothing is recorded), else `False`.
     """
     if _backend.draws_on_host(weights) and _passed_on_host(conditions, weights):
-        return  # an eager step on a CPU, where reading the values back is cheaper than ~20 small operations
+        return True  # an eager step on a CPU, where reading the values back is cheaper than ~20 small operations
     code = ops.where(ops.all(ops.isfinite(weights)), 0, len(conditions) + 1)
     values = [ops.zeros((), _backend.COUNTER_DTYPE)] * 2
     for index in reversed(range(len(conditions))):
@@ -57,6 +58,7 @@ def record(variable, messages, conditions, weights):
     new = ops.stack([ops.cast(code, _backend.COUNTER_DTYPE), *values])
     old = variable.value
     variable.assign(ops.where(ops.equal(old[0], 0), new, old))
+    return False
 
 
 def _passed_on_host(conditions, weights):

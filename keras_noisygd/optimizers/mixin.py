@@ -13,12 +13,13 @@ import random
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_noisygd import _backend
 from keras_noisygd import noise as noise_lib
-from keras_noisygd._checks import EMPTY_BATCH, at_most, check_batch_size, check_int, guarded, is_static
-from keras_noisygd.optimizers import checks, validation
+from keras_noisygd._checks import EMPTY_BATCH, check_batch_size, check_int, guarded
+from keras_noisygd.optimizers import checks, draw, validation
 from keras_noisygd.optimizers.docs import with_noise_args
 
 
@@ -76,6 +77,7 @@ class NoiseMixin:
             shape=(2,), dtype=_backend.COUNTER_DTYPE, name="noise_state", aggregation="only_first_replica"
         )
         self._noise_state.assign(ops.convert_to_tensor([self.seed, 0], _backend.COUNTER_DTYPE))
+        self._one_update = np.array([0, 1], _backend.COUNTER_DTYPE)
         if self.gradient_accumulation_steps:
             # The (global) size of the current update's first micro-batch: the others must match it.
             self._micro_batch_size = self.add_variable(
@@ -89,8 +91,9 @@ class NoiseMixin:
         )
         self._check_messages = {}  # code -> the message's parts, recorded at trace time
         self._drawn = _backend.DrawRecord()
+        self._calibrations = {}  # (noise, b, N) -> the noise calibrated to them, for static sizes
         self._full_update_seen = False  # whether an update of at least `emulate_batch_size` examples was drawn
-        self._warned_noiseless, self.checks_in_step = False, False  # the latter: set by each draw
+        self._warned_noiseless, self.checks_in_step, self.checked_on_host = False, False, False  # set by each draw
 
     @property
     def noise_state(self):
@@ -146,11 +149,12 @@ class NoiseMixin:
             conditions = checks.same_micro_batch(self._micro_batch_size, step_size, micro_step, k)
             start = micro_step * ops.cast(step_size, _backend.COUNTER_DTYPE)
             offset = start if offset is None else start + ops.cast(offset, _backend.COUNTER_DTYPE)
-        weights, schedule_conditions = self._draw_update(update, update_size, dtype)
+        weights, schedule_conditions = draw.update_weights(self, update, update_size, dtype)
         conditions = conditions + schedule_conditions
         if ops.is_tensor(batch_size):  # an empty batch (TensorFlow's traced step sees its size at run time)
             conditions.append((ops.greater_equal(batch_size, 1), [EMPTY_BATCH, batch_size]))
-        checks.record(self._noise_check, self._check_messages, conditions, weights)
+        # Whether the host saw every check pass (an eager CPU step): the step's loss report then needs no guard.
+        self.checked_on_host = checks.record(self._noise_check, self._check_messages, conditions, weights)
         self.checks_in_step = bool(conditions)  # only then is the update conditional (a tf.cond costs 3x)
         weights = guarded(weights, conditions)
         if offset is None:
@@ -214,34 +218,6 @@ class NoiseMixin:
             return counter, 0  # every step is an update (two operations fewer in an eager step)
         return ops.floor_divide(counter, k), ops.mod(counter, k)
 
-    def _draw_update(self, update, size, dtype):
-        """`(weights, run-time conditions)`: the draw of update `update`, of `size` examples in all."""
-        seed = ops.stack([self._noise_state.value[0], ops.cast(update, _backend.COUNTER_DTYPE)])
-        b, conditions = checks.emulated_batch_size(self.emulate_batch_size, update)
-        if b is None:
-            return self.noise.sample(seed, size, dtype), conditions
-        if is_static(b) and is_static(size):
-            if size >= b:
-                self._full_update_seen = True
-            elif self._full_update_seen:
-                # A smaller update after full ones: a partial last batch, which JAX and PyTorch see with its
-                # static size (TensorFlow's traced step sees it at run time, below). Drawing fewer than b
-                # examples already carries at least SGD(b)'s noise.
-                return ops.ones([size], dtype), conditions
-        # Checked before calibrating, so that a static b > B names the user's argument.
-        run_time_check = at_most("emulate_batch_size", b, "the batch size B of every step", size)
-        sampler = self.noise.calibrated(b, size)
-        self.warn_if_noiseless(size)
-        if not run_time_check:
-            return sampler.sample(seed, size, dtype), conditions
-        (b_fits, _), = run_time_check
-        weights = ops.cond(
-            b_fits,
-            lambda: sampler.sample(seed, size, dtype),
-            lambda: ops.ones([size], dtype),
-        )
-        return weights, conditions
-
     def apply(self, grads, trainable_variables=None):
         # Runs in Python once per trace (or per eager step): a step whose weights
         # were never drawn in this graph would be plain, noise-free descent.
@@ -253,7 +229,7 @@ class NoiseMixin:
 
         def update():
             base_apply(grads, trainable_variables)
-            self._noise_state.assign_add(ops.convert_to_tensor([0, 1], _backend.COUNTER_DTYPE))
+            self._noise_state.assign_add(ops.convert_to_tensor(self._one_update))  # from NumPy: 3x faster than a list
 
         # A failed check (recorded by a compiled step that could not raise) skips the update, like
         # LossScaleOptimizer skips a non-finite one: the weights, slots and noise counter stay as they were.

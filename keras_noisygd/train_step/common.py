@@ -22,7 +22,7 @@ def check_reductions(loss):
             )
 
 
-def report_loss(model, loss, batch_size, weights):
+def report_loss(model, loss, batch_size, weights, checked=False):
     """Updates `model`'s `"loss"` metric with the step's clean `loss` (NaN where the draw failed).
 
     As in the keras.io custom-train-step guide: the "loss" metric tracks the
@@ -32,9 +32,11 @@ def report_loss(model, loss, batch_size, weights):
     make the reported loss NaN. The step itself is skipped and
     `FailedNoiseCheck` stops `fit`; with several `tf.distribute` replicas,
     where it cannot be skipped, `keras.callbacks.TerminateOnNaN` stops on it.
+    `checked=True` (the draw's checks passed, read back on the host) skips that guard.
     """
-    usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))
-    loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
+    if not checked:
+        usable = ops.logical_and(ops.size(weights) > 0, ops.all(ops.isfinite(weights)))
+        loss = ops.where(usable, loss, ops.cast(float("nan"), loss.dtype))
     replicas = _backend.num_replicas()
     for metric in model.metrics:
         if metric.name == "loss":

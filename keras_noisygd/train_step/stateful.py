@@ -15,6 +15,7 @@ from keras import ops, tree
 from keras_noisygd import _backend, per_example
 from keras_noisygd._batch import batch_size_of, combine_weights
 from keras_noisygd.optimizers import find_noisy_optimizer
+from keras_noisygd.train_step import one_pass
 from keras_noisygd.train_step.common import check_reductions, per_output_loss_metrics_untouched, report_loss
 
 
@@ -27,30 +28,41 @@ def train_step(model, data):
     weights = optimizer.noise_weights(batch_size, keras.config.floatx())  # float32 under mixed precision
     if optimizer.engine == "per_example":
         y_pred, gradients = per_example_gradients(model, x, y, sample_weight, weights, optimizer.chunk_size)
+        clean_loss = None
     else:
-        y_pred, gradients = weighted_gradients(model, x, y, sample_weight, weights)
+        y_pred, gradients, clean_loss = weighted_gradients(model, x, y, sample_weight, weights, batch_size)
     # The clean loss is read before the update (regularizers see these weights).
     y_pred = tree.map_structure(ops.stop_gradient, y_pred)
-    clean_loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    if clean_loss is None:
+        clean_loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
     _backend.apply_gradients(model.optimizer, gradients, model.trainable_weights)
-    report_loss(model, clean_loss, batch_size, weights)
+    report_loss(model, clean_loss, batch_size, weights, checked=optimizer.checked_on_host)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def weighted_gradients(model, x, y, sample_weight, weights):
-    """`(y_pred, G W + grad R)` as the gradient of the re-weighted loss: one backward pass."""
-    y_pred = []
+def weighted_gradients(model, x, y, sample_weight, weights, batch_size):
+    """`(y_pred, G W + grad R, clean loss)` as the gradient of the re-weighted loss: one backward pass.
+
+    The clean loss comes from the same per-example losses where `one_pass`
+    applies, else it is `None` (the caller evaluates it).
+    """
+    pass_ = {}
 
     def noisy_loss():
-        y_pred.append(model(x, training=True))
-        with per_output_loss_metrics_untouched(model, y_pred[0]):  # they must see the clean loss only
-            loss = model.compute_loss(
-                x=x, y=y, y_pred=y_pred[0], sample_weight=combine_weights(sample_weight, weights), training=True
-            )
+        y_pred = pass_["y_pred"] = model(x, training=True)
+        both = one_pass.losses(model, y, y_pred, sample_weight, weights, batch_size)
+        if both is not None:
+            loss, pass_["clean"] = both
+        else:
+            with per_output_loss_metrics_untouched(model, y_pred):  # they must see the clean loss only
+                loss = model.compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=combine_weights(sample_weight, weights), training=True
+                )
         return model.optimizer.scale_loss(loss)
 
     gradients = _backend.gradients(noisy_loss, lambda: model.trainable_weights)
-    return y_pred[0], gradients
+    clean = pass_.get("clean")
+    return pass_["y_pred"], gradients, None if clean is None else ops.stop_gradient(clean)
 
 
 def per_example_gradients(model, x, y, sample_weight, weights, chunk_size):

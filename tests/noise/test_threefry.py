@@ -105,3 +105,18 @@ def test_public_uniform_is_the_samplers_generator():
     assert 0 <= got.min() and got.max() < 1
     with pytest.raises(ValueError, match=r"Argument `stream` must be an integer in \[0, 4294967295\]"):
         noise.uniform(0, 3, stream=-1)
+
+
+# The reference is float64: float32 normals are within a few ulps of |eps| < 5.8 (1e-5), float16 ones within
+# half an ulp of float16 at 5.8 (2e-3) plus float32's error.
+@pytest.mark.parametrize("dtype, atol, reference_atol", [("float32", 2e-6, 1e-5), ("float64", 1e-12, 1e-5), ("float16", 0, 3e-3)])
+def test_normals_are_box_muller_of_the_words(dtype, atol, reference_atol):
+    # `normals` is `normal(*words(...))`; on PyTorch's eager CPU step its Box-Muller runs in NumPy, whose float32
+    # log1p and cos may differ from PyTorch's by a few ulps: |eps| < 5.8, an ulp there is 4.8e-7 (float16 stays
+    # on the backend, so it is exact). JAX without x64 gives float32 for float64 in both.
+    seed = keras.ops.convert_to_tensor([5, 7])
+    got = to_numpy(threefry.normals(seed, 1000, 1, dtype))
+    want = to_numpy(threefry.normal(*threefry.words(seed, 1000, 1), dtype))
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    np.testing.assert_allclose(got, ref.normal(*ref.words([5, 7], 1000, 1)), rtol=0, atol=reference_atol)
