@@ -10,9 +10,10 @@ adapter) and reduced twice.
 
 It applies only where that is provably what `compute_loss` computes: Keras's
 own `compute_loss` (not overridden), one output without a Keras mask, one
-compiled loss without `loss_weights`, per-example `sample_weight`, one
-replica (tf.distribute's per-replica scaling stays Keras's). Elsewhere
-`losses(...)` returns `None` and the step calls `compute_loss` twice.
+compiled loss without `loss_weights` (a `Loss` without its own `__call__`),
+per-example `sample_weight`, one replica (tf.distribute's per-replica
+scaling stays Keras's). Elsewhere `losses(...)` returns `None` and the step
+calls `compute_loss` twice.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def losses(model, y, y_pred, sample_weight, weights, batch_size):
     if adapter is None or not _applies(y, y_pred, sample_weight):
         return None
     values = adapter(y, y_pred, sample_weight, batch_size)  # s_i l_i, the mean of which is the compiled loss
-    noisy = ops.mean(values * ops.cast(weights, values.dtype))
-    clean = ops.mean(values)
+    floatx = keras.config.floatx()  # the dtype Keras's loss container casts each compiled loss to
+    noisy = ops.cast(ops.mean(values * ops.cast(weights, values.dtype)), floatx)
+    clean = ops.cast(ops.mean(values), floatx)
     for extra in model.losses:  # regularizers and `add_loss`, as `Trainer.compute_loss` aggregates them
         if not keras.backend.is_float_dtype(extra.dtype):
             extra = ops.cast(extra, keras.config.floatx())
@@ -50,6 +52,9 @@ def _adapter(model):
     loss = getattr(model, "loss", None)
     if loss is None or len(tree.flatten(loss)) != 1 or getattr(model, "noisy_loss_weights", True) is not None:
         return None  # no loss, one per output, or loss weights (or a model that does not record them)
+    loss_class = type(tree.flatten(loss)[0])
+    if issubclass(loss_class, keras.losses.Loss) and loss_class.__call__ is not keras.losses.Loss.__call__:
+        return None  # its own __call__ (not only `call`): only compute_loss runs it
     cached = _ADAPTERS.get(model)
     if cached is None or cached[0] is not loss:  # compiled again since
         cached = _ADAPTERS[model] = (loss, loss_function(model, loss))

@@ -90,8 +90,14 @@ def masked():
     return kn.NoisyModel(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
 
 
+class OwnCall(keras.losses.SparseCategoricalCrossentropy):
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return super().__call__(y_true, y_pred, sample_weight) + 1.0
+
+
 FALLBACKS = {
     "own compute_loss": lambda: compiled("sparse_categorical_crossentropy", mlp(model_class=OwnLoss)),
+    "a Loss with its own __call__": lambda: compiled(OwnCall()),
     "loss_weights": lambda: compiled("sparse_categorical_crossentropy", loss_weights=2.0),
     "two outputs": lambda: compiled(["sparse_categorical_crossentropy"] * 2, two_outputs()),
 }
