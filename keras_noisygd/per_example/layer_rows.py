@@ -202,7 +202,7 @@ def capture(plan_, model, x, y, sample_weight=None, loss=None, data_scale=1.0, r
     out_grads, logit_grads, checked_grads = grads[:n], grads[n : 2 * n], grads[2 * n :]
     _detach(found)
     captured_rules = []
-    mismatch = ops.convert_to_tensor(0.0, "float64")
+    mismatch = ops.convert_to_tensor(0.0, _backend.wide_float())  # float64 where the backend has it (not JAX without x64)
     for index, (layer, rule, (a, out), out_grad, logit, logit_grad, checked_grad) in enumerate(zip(
         layers_, rules_, found["captured"], out_grads, found["logits"], logit_grads, checked_grads
     )):

@@ -14,8 +14,8 @@ from keras_noisygd import _backend
 
 
 def f64(t):
-    """`t` in float64."""
-    return ops.cast(t, "float64")
+    """`t` in float64 (float32 on JAX without `jax_enable_x64`, which would truncate float64 with a warning)."""
+    return ops.cast(t, _backend.wide_float())
 
 
 def flat(t):

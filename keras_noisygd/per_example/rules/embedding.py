@@ -62,7 +62,7 @@ class EmbeddingRule(Rule):
         batch = ops.shape(self.ids)[0]
         ids = ops.reshape(self.ids, [-1])
         d = ops.reshape(self.d, [-1, self.layer.output_dim])
-        same = ops.cast(ops.equal(ops.expand_dims(ids, 1), ops.expand_dims(ids, 0)), "float64")
+        same = f64(ops.equal(ops.expand_dims(ids, 1), ops.expand_dims(ids, 0)))
         products = f64(ops.matmul(d, ops.transpose(d))) * same  # [B S, B S]
         return ops.sum(ops.reshape(products, [batch, positions, batch, positions]), axis=(1, 3))
 
