@@ -5,7 +5,11 @@
 backend's operations elsewhere; both give the same words (checked here too).
 Prints the median ms of each way over rounds and their ratio, at each `B`.
 
-    KERAS_BACKEND=torch python benchmarks/draw_time.py [--sizes 128 1000] [--rounds 7] [--calls 200]
+With `--compiled` (PyTorch) it also times the backend's operations under
+`torch.compile`: the seconds of the first call (the compilation) and the ms
+of each call after it.
+
+    KERAS_BACKEND=torch python benchmarks/draw_time.py [--sizes 128 1000] [--rounds 7] [--calls 200] [--compiled]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 1000])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--compiled", action="store_true", help="also time torch.compile of the backend's operations")
     args = parser.parse_args()
     seed = threefry.as_seed(3)
     print(f"{'B':>6} {'words() ms':>11} {'backend ops ms':>15} {'ratio':>7}")
@@ -53,6 +58,16 @@ def main():
         host, backend = (statistics.median(p[i] for p in pairs) for i in (0, 1))
         ratio = statistics.median(a / b for a, b in pairs)
         print(f"{n:>6} {host:>11.3f} {backend:>15.3f} {ratio:>7.3f}")
+        if args.compiled:
+            import torch
+
+            compiled = torch.compile(backend_words)
+            start = time.perf_counter()
+            words = [ops.convert_to_numpy(w) for w in compiled(seed, n, 0)]
+            seconds = time.perf_counter() - start
+            assert all(np.array_equal(a, b) for a, b in zip(ours, words)), "the compiled words must be the same"
+            ms = statistics.median(ms_per_call(lambda: compiled(seed, n, 0), args.calls) for _ in range(args.rounds))
+            print(f"{'':>6} torch.compile: {ms:.3f} ms a call, {seconds:.1f} s to compile")
 
 
 if __name__ == "__main__":

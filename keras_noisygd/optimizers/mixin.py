@@ -22,6 +22,8 @@ from keras_noisygd._checks import EMPTY_BATCH, check_batch_size, check_int, guar
 from keras_noisygd.optimizers import checks, draw, validation
 from keras_noisygd.optimizers.docs import with_noise_args
 
+_ONE_UPDATE = np.array([0, 1], _backend.COUNTER_DTYPE)  # what `apply` adds to `[seed, counter]`
+
 
 @with_noise_args
 class NoiseMixin:
@@ -77,7 +79,6 @@ class NoiseMixin:
             shape=(2,), dtype=_backend.COUNTER_DTYPE, name="noise_state", aggregation="only_first_replica"
         )
         self._noise_state.assign(ops.convert_to_tensor([self.seed, 0], _backend.COUNTER_DTYPE))
-        self._one_update = np.array([0, 1], _backend.COUNTER_DTYPE)
         if self.gradient_accumulation_steps:
             # The (global) size of the current update's first micro-batch: the others must match it.
             self._micro_batch_size = self.add_variable(
@@ -229,7 +230,7 @@ class NoiseMixin:
 
         def update():
             base_apply(grads, trainable_variables)
-            self._noise_state.assign_add(ops.convert_to_tensor(self._one_update))  # from NumPy: 3x faster than a list
+            self._noise_state.assign_add(ops.convert_to_tensor(_ONE_UPDATE))  # no list converted at every step
 
         # A failed check (recorded by a compiled step that could not raise) skips the update, like
         # LossScaleOptimizer skips a non-finite one: the weights, slots and noise counter stay as they were.

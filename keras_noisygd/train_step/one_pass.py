@@ -2,9 +2,9 @@
 
 The stateful step needs two losses of one forward pass: the re-weighted one it
 descends, `(1/B) sum_i m_i s_i l_i + R`, and the clean one it reports,
-`(1/B) sum_i s_i l_i + R`. Two `compute_loss` calls evaluate the loss twice;
-in an eager PyTorch step each call costs ~0.14 ms of dispatch on the paper's
-models (`benchmarks/step_time.py`), more than the loss's arithmetic. Here the
+`(1/B) sum_i s_i l_i + R`. Two `compute_loss` calls evaluate the loss twice,
+and in an eager PyTorch step each is mostly Python dispatch, more than the
+loss's arithmetic (`benchmarks/step_phases.py`, `step_time.py`). Here the
 `[B]` values `s_i l_i` are computed once (the per-example engine's loss
 adapter) and reduced twice.
 
