@@ -8,7 +8,10 @@ the functions the step calls (nothing of the step is copied), for the noisy
 `benchmarks/step_time.py`, alternating one step of each so both see the same
 caches. "forward, loss, backward" is the rest of the step: the total minus
 the timed phases. Prints microseconds per step (medians over rounds), and
-the draw timed alone, in a loop of draws with nothing between them.
+the draw timed alone, in a loop of draws with nothing between them (each of the
+same key, which the host's block serves), and right after each of a loop of
+stock steps (whose forward and backward pass evict what the draw uses from the
+caches, as inside a noisy step).
 
     KERAS_BACKEND=torch python benchmarks/step_phases.py [--models mlp_784_256_256_10] [--steps 200] [--rounds 5]
 """
@@ -67,7 +70,8 @@ def instrumented(noisy, stock):
 
 
 def phases(name, batch_size, steps, rounds):
-    """`({phase: (noisy us, stock us)}, the draw alone in us)`: medians over `rounds` after a warm-up round."""
+    """`({phase: (noisy us, stock us)}, the draw alone, the draw after a stock step)`, in us: medians over
+    `rounds` (the phases after a warm-up round)."""
     layers_fn, (x, y), _ = step_time.synthetic_batch(name, batch_size, np.random.default_rng(0))
     stock = step_time.build(layers_fn, keras.Sequential, keras.optimizers.SGD(0.01), False)
     noisy = step_time.build(
@@ -100,8 +104,17 @@ def phases(name, batch_size, steps, rounds):
         for _ in range(steps):
             draw(batch_size)
         alone.append(1e6 * (time.perf_counter() - start) / steps)
+    after = []
+    for _ in range(rounds):  # each draw right after a stock step, which evicts what the draw uses from the caches
+        seconds = 0.0
+        for _ in range(steps):
+            stock.train_step(batch)
+            start = time.perf_counter()
+            draw(batch_size)
+            seconds += time.perf_counter() - start
+        after.append(1e6 * seconds / steps)
     medians = {p: tuple(statistics.median(v[1:]) if v[1:] else 0.0 for v in pair) for p, pair in rows.items()}
-    return medians, statistics.median(alone)
+    return medians, statistics.median(alone), statistics.median(after)
 
 
 def main(argv=None):
@@ -114,12 +127,13 @@ def main(argv=None):
     print(f"backend {keras.backend.backend()}, batch {args.batch_size}, gaussian_centered ~ SGD(32), one step of each "
           f"alternately, {args.steps} steps x {args.rounds} rounds (median us per step)")
     for name in args.models.split(","):
-        medians, alone = phases(name, args.batch_size, args.steps, args.rounds)
+        medians, alone, after = phases(name, args.batch_size, args.steps, args.rounds)
         print(f"{name}")
         print(f"  {'phase':<32} {'noisy us':>9} {'stock us':>9} {'extra us':>9}")
         for phase, (a, b) in medians.items():
             print(f"  {phase:<32} {a:>9.0f} {b:>9.0f} {a - b:>9.0f}")
         print(f"  {'the draw alone, in a loop':<32} {alone:>9.0f}")
+        print(f"  {'the draw after each stock step':<32} {after:>9.0f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ The interface, by concern:
   draw costs its dispatch).
 * **Gradients.** `gradients(loss_fn, variables)` and
   `apply_gradients(optimizer, gradients, variables)` of a train step;
-  `run_if(condition, function)`: an update skipped where a check failed;
+  `assign_add(variable, delta)`: the noise counter's advance (in place on
+  PyTorch's eager step); `run_if(condition, function)`: an update skipped
+  where a check failed;
   `accumulate_across_replicas(optimizer, grads, variables)`: a gradient
   accumulation micro-step where Keras's own cannot run (several
   `tf.distribute` replicas, keras-team/keras#20582), `False` elsewhere;
@@ -60,7 +62,7 @@ INTERFACE = (
     "NAME", "STATELESS", "LAYER_ROWS", "VMAP_FORWARD", "SCALAR_SUMMARIES",
     "COUNTER_DTYPE", "SEED_DTYPE", "WORD_DTYPE", "wide_float",
     "wrap", "shift_left", "shift_right", "sort_keys", "draws_on_host",
-    "gradients", "apply_gradients", "run_if", "accumulate_across_replicas",
+    "gradients", "apply_gradients", "assign_add", "run_if", "accumulate_across_replicas",
     "gradients_at", "gradient_point", "leaf", "activation_gradient", "vjp", "grad", "vmap",
     "asserted", "is_traced", "compiled", "sync_state",
     "DrawRecord", "global_batch", "num_replicas",
@@ -96,6 +98,7 @@ sort_keys = _current.sort_keys
 draws_on_host = _current.draws_on_host
 gradients = _current.gradients
 apply_gradients = _current.apply_gradients
+assign_add = _current.assign_add
 run_if = _current.run_if
 accumulate_across_replicas = _current.accumulate_across_replicas
 gradients_at = _current.gradients_at

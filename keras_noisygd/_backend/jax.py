@@ -79,6 +79,11 @@ def accumulate_across_replicas(optimizer, grads, variables):
     return False  # Keras's own accumulation runs (several devices included: the step sees the global batch)
 
 
+def assign_add(variable, delta):
+    """`variable.assign_add(delta)` (`delta` a NumPy array)."""
+    variable.assign_add(delta)
+
+
 def run_if(condition, function):
     """`function()` where `condition` holds. Inside `jax.jit` it always runs: the step that called the
     optimizer keeps its old values where the condition fails (`train_step.jax`)."""

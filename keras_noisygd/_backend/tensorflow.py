@@ -70,6 +70,11 @@ def apply_gradients(optimizer, gradients, variables):
     optimizer.apply_gradients(zip(gradients, variables))
 
 
+def assign_add(variable, delta):
+    """`variable.assign_add(delta)` (`delta` a NumPy array)."""
+    variable.assign_add(delta)
+
+
 def run_if(condition, function):
     """`function()` only where `condition` (a scalar bool) holds: a `tf.cond` in a graph of one replica.
 

@@ -75,6 +75,16 @@ def accumulate_across_replicas(optimizer, grads, variables):
     return False  # Keras's own accumulation runs (distributed data parallel is refused)
 
 
+def assign_add(variable, delta):
+    """`variable.assign_add(delta)` (`delta` a NumPy array): in place on its tensor in an eager step, as
+    Keras's own PyTorch optimizers update their variables (Keras's `assign_add` costs ~25 us of dispatch)."""
+    if torch.compiler.is_compiling():
+        variable.assign_add(ops.convert_to_tensor(delta))
+        return
+    with torch.no_grad():
+        variable.value.add_(torch.as_tensor(delta, device=variable.value.device))
+
+
 def run_if(condition, function):
     """`function()` where `condition` holds (the step is eager)."""
     if bool(condition):

@@ -28,7 +28,7 @@ Conventions:
 The package: `sampler.py` the contract (`Sampler`) and the helpers its classes
 share, `sgd.py` (`NoNoise`, `SGDSampling`), `gaussian.py` (`Gaussian`,
 `SparseGaussian`), `bernoulli.py`, `threefry.py` the generator (and
-`uniform`), `registry.py` the names and (de)serialization. A new noise class
+`uniform`), `host.py` an eager CPU step's NumPy draws, `registry.py` the names and (de)serialization. A new noise class
 goes into a module of its family and into `registry.py`'s table if it has a
 name (docs/contributing.md).
 """

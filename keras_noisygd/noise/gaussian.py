@@ -55,10 +55,21 @@ class Gaussian(Sampler):
         return "gaussian_centered" if self.centered else "gaussian"
 
     def _sample(self, seed, n, dtype):
+        make = lambda k0, k1s: self._host_rows(k0, k1s, n, dtype)  # noqa: E731
+        on_host = threefry.host_rows(self, seed, n, dtype, make) if is_static(self.std) else None
+        if on_host is not None:
+            return on_host
         eps = threefry.normals(seed, n, 0, dtype)
         if self.centered:
             eps = eps - ops.mean(eps)
         return 1 + constant(self.std, dtype) * eps
+
+    def _host_rows(self, k0, k1s, n, dtype):
+        """`_sample` in NumPy for a block of keys (an eager step on a CPU): one crossing instead of ~6 operations."""
+        eps = threefry.normal_rows(k0, k1s, n, 0, dtype)
+        if self.centered:
+            eps = eps - eps.mean(axis=1, keepdims=True)
+        return 1 + np.asarray(self.std, dtype) * eps
 
     def covariance(self, num_examples):
         base = centering(num_examples) if self.centered else np.eye(num_examples)

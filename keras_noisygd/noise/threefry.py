@@ -34,6 +34,7 @@ from keras import ops
 
 from keras_noisygd import _backend
 from keras_noisygd._checks import check_int, is_static
+from keras_noisygd.noise import host
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = 0x1BD11BDA
@@ -72,7 +73,8 @@ def threefry2x32(key, x0, x1):
 
 def threefry2x32_numpy(key, x0, x1):
     """`threefry2x32` on NumPy `uint32` arrays (whose `+` and `<<` wrap modulo `2**32`): the same words."""
-    k0, k1 = (np.asarray(k, np.uint32).reshape(1) for k in key)  # arrays: wrapping without overflow warnings
+    # Arrays (wrapping without overflow warnings): scalars, or `[count, 1]` columns of keys for `[count, n]` words.
+    k0, k1 = (np.asarray(k, np.uint32).reshape(np.shape(k) or (1,)) for k in key)
     ks = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
     x0, x1 = x0 + ks[0], x1 + ks[1]
     for group in range(5):
@@ -98,9 +100,9 @@ def words(seed, n, stream):
     `n` may be a scalar integer tensor on TensorFlow (a batch size known at run time).
     """
     dtype = _backend.WORD_DTYPE
-    host = _host_words(seed, n, stream)
-    if host is not None:
-        return tuple(ops.convert_to_tensor(w.astype(dtype)) for w in host)
+    on_host = _host_words(seed, n, stream)
+    if on_host is not None:
+        return tuple(ops.convert_to_tensor(w.astype(dtype)) for w in on_host)  # copies: the rows are shared
     key = key_of(seed)
     index = ops.arange(n, dtype="int32")  # JAX has no int64; batch sizes stay far below 2**31
     index = ops.cast(index, dtype)
@@ -111,31 +113,63 @@ def normals(seed, n, stream, dtype="float32"):
     """`normal(*words(seed, n, stream), dtype)`: `n` standard normals of the stream `stream` of `seed`.
 
     Where the words are drawn on the host, Box-Muller runs there too, in NumPy
-    `dtype` (float32 or float64), and the normals cross to the backend once
-    instead of as ~8 `keras.ops` calls, each dispatched from Python in eager
-    PyTorch (`benchmarks/step_phases.py` times the whole draw). NumPy's `log1p`
-    and `cos` may differ from the backend's by a few ulps, as the backends
-    differ from each other.
+    `dtype` (float32 or float64), a block of updates ahead (`noise/host.py`),
+    and the normals cross to the backend once instead of as ~8 `keras.ops`
+    calls, each dispatched from Python in eager PyTorch
+    (`benchmarks/step_phases.py` times the whole draw). NumPy's `log1p` and
+    `cos` may differ from the backend's by a few ulps, as the backends differ
+    from each other.
     """
-    host = _host_words(seed, n, stream) if dtype in ("float32", "float64") else None
-    if host is None:
-        return normal(*words(seed, n, stream), dtype)
-    u0, u1 = (_host_uniform(w, dtype) for w in host)  # as `to_uniform`: the top 24 bits, exact
-    radius = np.sqrt(-2.0 * np.log1p(-u0))
-    return ops.convert_to_tensor(radius * np.cos((2.0 * math.pi) * u1))
+    rows = host_rows(("normals", stream), seed, n, dtype, lambda k0, k1s: normal_rows(k0, k1s, n, stream, dtype))
+    return normal(*words(seed, n, stream), dtype) if rows is None else rows
+
+
+def host_rows(what, seed, n, dtype, make):
+    """The row of `seed` of the host draw `make(k0, k1s)` (NumPy rows, `noise/host.py`), or `None` off the host.
+
+    For a sampler's own NumPy draw of a block of keys: `what` names the draw
+    (the sampler itself), `make` returns one row of `n` values in `dtype` for
+    each key `(k0, k1)`, `k1` in `k1s`. `None` where the step does not draw
+    on the host, or `dtype` is not float32 or float64.
+    """
+    key = _host_key(seed) if dtype in ("float32", "float64") else None
+    if key is None:
+        return None
+    row = host.BLOCKS.draw((what, dtype), key, n, 0, make)
+    return ops.convert_to_tensor(row.copy())  # a copy: the block's rows are shared
+
+
+def normal_rows(k0, k1s, n, stream, dtype):
+    """`normals` of the keys `(k0, k1)`, `k1` in `k1s`, in NumPy `dtype`: a `[len(k1s), n]` array."""
+    w0, w1 = _word_rows(k0, k1s, n, stream)
+    u0, u1 = _host_uniform(w0, dtype), _host_uniform(w1, dtype)  # as `to_uniform`: the top 24 bits, exact
+    return np.sqrt(-2.0 * np.log1p(-u0)) * np.cos((2.0 * math.pi) * u1)
 
 
 def _host_uniform(w, dtype):
     return (w >> np.uint32(8)).astype(dtype) * np.asarray(2.0**-24, dtype)
 
 
-def _host_words(seed, n, stream):
-    """`words(seed, n, stream)` as NumPy `uint32` arrays where an eager step on a CPU draws on the host, else `None`."""
-    seed = ops.convert_to_tensor(seed)
+def _host_key(seed):
+    """The key words of `seed` as NumPy `int64` where an eager step on a CPU draws on the host, else `None`."""
+    seed = seed if ops.is_tensor(seed) else ops.convert_to_tensor(seed)
     if not _backend.draws_on_host(seed):
         return None
-    key = ops.convert_to_numpy(seed).astype(np.int64) & 0xFFFFFFFF  # `n` is a Python int there (an eager step)
-    return threefry2x32_numpy(key, np.arange(n, dtype=np.uint32), np.full(n, stream, np.uint32))
+    return ops.convert_to_numpy(seed).astype(np.int64) & 0xFFFFFFFF  # `n` is a Python int there (an eager step)
+
+
+def _host_words(seed, n, stream):
+    """`words(seed, n, stream)` as NumPy `uint32` arrays where an eager step on a CPU draws on the host, else `None`."""
+    key = _host_key(seed)
+    if key is None:
+        return None
+    return host.BLOCKS.draw("words", key, n, stream, lambda k0, k1s: np.stack(_word_rows(k0, k1s, n, stream), 1))
+
+
+def _word_rows(k0, k1s, n, stream):
+    """The words of the keys `(k0, k1)` for each `k1` in `k1s`: two `[len(k1s), n]` `uint32` arrays."""
+    column = np.full((len(k1s), 1), k0, np.uint32), k1s.reshape(-1, 1)
+    return threefry2x32_numpy(column, np.arange(n, dtype=np.uint32), np.full(n, stream, np.uint32))
 
 
 def to_uniform(w, dtype="float32"):

@@ -1,6 +1,6 @@
 """The draw of one update's weights: the noise calibrated to SGD(`b`) out of the update's examples.
 
-`update_weights(optimizer, update, size, dtype)` is `NoiseMixin.noise_weights`'s
+`update_weights(optimizer, state, update, size, dtype)` is `NoiseMixin.noise_weights`'s
 draw, apart from slicing it into micro-steps and replicas: the seed of
 update `update`, the emulated `b` (fixed or scheduled), the calibrated
 sampler (made once per pair of static sizes) and the run-time conditions.
@@ -15,9 +15,9 @@ from keras_noisygd._checks import at_most, is_static
 from keras_noisygd.optimizers import checks
 
 
-def update_weights(optimizer, update, size, dtype):
-    """`(weights, run-time conditions)`: the draw of update `update`, of `size` examples in all."""
-    state = optimizer.noise_state.value
+def update_weights(optimizer, state, update, size, dtype):
+    """`(weights, run-time conditions)`: the draw of update `update`, of `size` examples in all, from the
+    noise state's value `state`."""
     if (optimizer.gradient_accumulation_steps or 1) > 1:
         seed = ops.stack([state[0], ops.cast(update, _backend.COUNTER_DTYPE)])
     else:
@@ -27,8 +27,8 @@ def update_weights(optimizer, update, size, dtype):
         return optimizer.noise.sample(seed, size, dtype), conditions
     if is_static(b) and is_static(size):
         if size >= b:
-            optimizer._full_update_seen = True
-        elif optimizer._full_update_seen:
+            optimizer._flags.full_update_seen = True
+        elif optimizer._flags.full_update_seen:
             # A smaller update after full ones: a partial last batch, which JAX and PyTorch see with its
             # static size (TensorFlow's traced step sees it at run time, below). Drawing fewer than b
             # examples already carries at least SGD(b)'s noise.

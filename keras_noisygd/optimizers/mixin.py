@@ -10,6 +10,7 @@ loss scaling and gradient accumulation all come from the base class.
 from __future__ import annotations
 
 import random
+import types
 import warnings
 
 import keras
@@ -93,8 +94,10 @@ class NoiseMixin:
         self._check_messages = {}  # code -> the message's parts, recorded at trace time
         self._drawn = _backend.DrawRecord()
         self._calibrations = {}  # (noise, b, N) -> the noise calibrated to them, for static sizes
-        self._full_update_seen = False  # whether an update of at least `emulate_batch_size` examples was drawn
-        self._warned_noiseless, self.checks_in_step, self.checked_on_host = False, False, False  # set by each draw
+        # Set by each draw, outside Keras's attribute tracking (~5 us a setting in an eager step): whether an update
+        # of at least `emulate_batch_size` examples was drawn, and `checks_in_step` and `checked_on_host`.
+        self._flags = types.SimpleNamespace(full_update_seen=False, checks_in_step=False, checked_on_host=False)
+        self._warned_noiseless = False
 
     @property
     def noise_state(self):
@@ -140,9 +143,10 @@ class NoiseMixin:
             A `[batch_size]` tensor.
         """
         batch_size = check_batch_size(batch_size)
-        self._drawn.mark(self._noise_state.value)
+        state = self._noise_state.value  # read once: each read costs ~4 us in an eager step
+        self._drawn.mark(state)
         step_size, offset = _backend.global_batch(batch_size, type(self).__name__)
-        update, micro_step = self._update_position()
+        update, micro_step = self._update_position(state)
         update_size, conditions = step_size, []
         if self.gradient_accumulation_steps:  # micro-step j of global size C (over replicas): [j C, (j + 1) C)
             k = self.gradient_accumulation_steps
@@ -150,13 +154,12 @@ class NoiseMixin:
             conditions = checks.same_micro_batch(self._micro_batch_size, step_size, micro_step, k)
             start = micro_step * ops.cast(step_size, _backend.COUNTER_DTYPE)
             offset = start if offset is None else start + ops.cast(offset, _backend.COUNTER_DTYPE)
-        weights, schedule_conditions = draw.update_weights(self, update, update_size, dtype)
+        weights, schedule_conditions = draw.update_weights(self, state, update, update_size, dtype)
         conditions = conditions + schedule_conditions
         if ops.is_tensor(batch_size):  # an empty batch (TensorFlow's traced step sees its size at run time)
             conditions.append((ops.greater_equal(batch_size, 1), [EMPTY_BATCH, batch_size]))
-        # Whether the host saw every check pass (an eager CPU step): the step's loss report then needs no guard.
-        self.checked_on_host = checks.record(self._noise_check, self._check_messages, conditions, weights)
-        self.checks_in_step = bool(conditions)  # only then is the update conditional (a tf.cond costs 3x)
+        self._flags.checked_on_host = checks.record(self._noise_check, self._check_messages, conditions, weights)
+        self._flags.checks_in_step = bool(conditions)
         weights = guarded(weights, conditions)
         if offset is None:
             return weights
@@ -164,6 +167,16 @@ class NoiseMixin:
         # the noise-state variable would recompile the step at every new update (and did: 2.5 s a step).
         indices = ops.cast(offset, "int32") + ops.arange(batch_size, dtype="int32")
         return ops.take(weights, indices)
+
+    @property
+    def checks_in_step(self):
+        """Whether the last draw has run-time checks: only then is the update conditional (a `tf.cond` costs 3x)."""
+        return self._flags.checks_in_step
+
+    @property
+    def checked_on_host(self):
+        """Whether the host saw every check of the last draw pass (an eager CPU step): its loss report needs no guard."""
+        return self._flags.checked_on_host
 
     @property
     def noise_check(self):
@@ -211,9 +224,9 @@ class NoiseMixin:
         b, _ = checks.emulated_batch_size(self.emulate_batch_size, update)
         return b if b is None or isinstance(b, int) else int(ops.convert_to_numpy(b))
 
-    def _update_position(self):
+    def _update_position(self, state=None):
         """`(update, micro-step)`: the index of the update the next step belongs to, and its place in it."""
-        counter = self._noise_state.value[1]
+        counter = (self._noise_state.value if state is None else state)[1]
         k = self.gradient_accumulation_steps or 1
         if k == 1:
             return counter, 0  # every step is an update (two operations fewer in an eager step)
@@ -230,7 +243,7 @@ class NoiseMixin:
 
         def update():
             base_apply(grads, trainable_variables)
-            self._noise_state.assign_add(ops.convert_to_tensor(_ONE_UPDATE))  # no list converted at every step
+            _backend.assign_add(self._noise_state, _ONE_UPDATE)
 
         # A failed check (recorded by a compiled step that could not raise) skips the update, like
         # LossScaleOptimizer skips a non-finite one: the weights, slots and noise counter stay as they were.
