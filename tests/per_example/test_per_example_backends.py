@@ -277,6 +277,36 @@ def test_monitor_statistics_equal_numpy_from_the_explicit_gradient_matrix(precis
     assert monitor.gram_source == "layers"
 
 
+def test_monitor_keeps_its_compiled_probe_across_fits_and_rebuilds_it_for_another_optimizer_or_model(precision):
+    # A second `fit` keeps the probe's compiled functions (tracing them at every `fit` cost 0.3 s on JAX's MLP);
+    # a recompiled optimizer or another model builds them anew. Each fit's last measurement must still be the
+    # explicit loop's at that fit's final weights (a kept JAX function must not keep its first weights).
+    dtype, tol = precision
+    rtol = max(tol["rtol"], 1e-9) if dtype == "float64" else 1e-4  # float32 Gram sums on JAX
+    n = 10
+    x, y = _data("regularized", dtype, n=16)
+    monitor = kn.NoiseMonitor((x[:n], y[:n]), every_n_steps=1)
+
+    def fit_and_check(model):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor])
+        G = _explicit_rows(model, x[:n], y[:n]).astype("float64")
+        np.testing.assert_allclose(monitor.history[-1]["grad_norm"], np.linalg.norm(G.mean(0)), rtol=rtol)
+        np.testing.assert_allclose(monitor.history[-1]["noise_scale"],
+                                   np.sum((G - G.mean(0)) ** 2) / (n - 1) / np.sum(G.mean(0) ** 2), rtol=rtol)
+        return monitor._probe
+
+    model = _model("regularized")
+    model.compile(kn.NoisyGD(0.3, emulate_batch_size=4, seed=2), "sparse_categorical_crossentropy")
+    first = fit_and_check(model)
+    assert fit_and_check(model) is first
+    model.compile(kn.NoisyGD(0.1, emulate_batch_size=2, seed=3), "sparse_categorical_crossentropy")
+    second = fit_and_check(model)
+    assert second is not first
+    other = _model("regularized")
+    other.compile(kn.NoisyGD(0.3, emulate_batch_size=4, seed=2), "sparse_categorical_crossentropy")
+    assert fit_and_check(other) is not second
+
+
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorBoard summaries are written on TensorFlow")
 def test_monitor_log_dir_is_refused_with_the_backend_named(tmp_path):
     with pytest.raises(ValueError, match=rf"`log_dir`.*TensorFlow.*Received: log_dir=.* with the '{BACKEND}' backend"):
