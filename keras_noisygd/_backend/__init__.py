@@ -26,7 +26,8 @@ The interface, by concern:
   `shift_left(x, r)`, `shift_right(x, r)`, `sort_keys(keys)` (a dtype the
   backend sorts); `draws_on_host(key)`: whether the words are cheaper in
   NumPy (eager PyTorch on a CPU, where each of the ~150 small operations of a
-  draw costs its dispatch).
+  draw costs its dispatch), `host_tensor(array)` its result as a tensor and
+  `to_host(tensor)` an eager CPU tensor's values (both without a copy on PyTorch).
 * **Gradients.** `gradients(loss_fn, variables)` and
   `apply_gradients(optimizer, gradients, variables)` of a train step;
   `assign_add(variable, delta)`: the noise counter's advance (in place on
@@ -61,7 +62,7 @@ import keras
 INTERFACE = (
     "NAME", "STATELESS", "LAYER_ROWS", "VMAP_FORWARD", "SCALAR_SUMMARIES",
     "COUNTER_DTYPE", "SEED_DTYPE", "WORD_DTYPE", "wide_float",
-    "wrap", "shift_left", "shift_right", "sort_keys", "draws_on_host",
+    "wrap", "shift_left", "shift_right", "sort_keys", "draws_on_host", "host_tensor", "to_host",
     "gradients", "apply_gradients", "assign_add", "run_if", "accumulate_across_replicas",
     "gradients_at", "gradient_point", "leaf", "activation_gradient", "vjp", "grad", "vmap",
     "asserted", "is_traced", "compiled", "sync_state",
@@ -96,6 +97,8 @@ shift_left = _current.shift_left
 shift_right = _current.shift_right
 sort_keys = _current.sort_keys
 draws_on_host = _current.draws_on_host
+host_tensor = _current.host_tensor
+to_host = _current.to_host
 gradients = _current.gradients
 apply_gradients = _current.apply_gradients
 assign_add = _current.assign_add

@@ -15,6 +15,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 
 from keras_noisygd._backend._common import DrawRecordBase, no_summaries
 
@@ -51,6 +52,16 @@ def shift_right(x, r):
 
 def sort_keys(keys):
     return keys
+
+
+def host_tensor(array):
+    """A NumPy array as a tensor (no draw runs on the host here)."""
+    return jnp.asarray(array)
+
+
+def to_host(tensor):
+    """An eager tensor's values as a NumPy array."""
+    return np.asarray(tensor)
 
 
 def draws_on_host(key):

@@ -48,6 +48,16 @@ def sort_keys(keys):
     return tf.cast(keys, tf.int64)  # TensorFlow sorts no uint32
 
 
+def host_tensor(array):
+    """A NumPy array as a tensor (no draw runs on the host here)."""
+    return tf.convert_to_tensor(array)
+
+
+def to_host(tensor):
+    """An eager tensor's values as a NumPy array."""
+    return tensor.numpy()
+
+
 def draws_on_host(key):
     return False  # a traced or compiled step: the words stay in the graph
 

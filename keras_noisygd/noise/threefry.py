@@ -136,7 +136,7 @@ def host_rows(what, seed, n, dtype, make):
     if key is None:
         return None
     row = host.BLOCKS.draw((what, dtype), key, n, 0, make)
-    return ops.convert_to_tensor(row.copy())  # a copy: the block's rows are shared
+    return _backend.host_tensor(row.copy())  # a copy: the block's rows are shared
 
 
 def normal_rows(k0, k1s, n, stream, dtype):
@@ -155,7 +155,7 @@ def _host_key(seed):
     seed = seed if ops.is_tensor(seed) else ops.convert_to_tensor(seed)
     if not _backend.draws_on_host(seed):
         return None
-    return ops.convert_to_numpy(seed).astype(np.int64) & 0xFFFFFFFF  # `n` is a Python int there (an eager step)
+    return _backend.to_host(seed).astype(np.int64) & 0xFFFFFFFF  # `n` is a Python int there (an eager step)
 
 
 def _host_words(seed, n, stream):
@@ -233,7 +233,7 @@ def as_seed(seed):
                 f"Received: seed={seed!r}"
             )
         return ops.convert_to_tensor(np.array([int(seed), 0], _backend.SEED_DTYPE))
-    seed = ops.convert_to_tensor(seed)
+    seed = seed if ops.is_tensor(seed) else ops.convert_to_tensor(seed)
     if len(seed.shape) != 1 or seed.shape[0] != 2 or "int" not in keras.backend.standardize_dtype(seed.dtype):
         raise ValueError(
             "Argument `seed` must be a Python int or an integer tensor of shape [2]. "

@@ -66,7 +66,7 @@ def _passed_on_host(conditions, weights):
     """Whether every condition holds and every weight is finite, read back to the host."""
     # The weights read back whole and checked in NumPy: one crossing instead of two backend operations and one.
     return all(bool(ops.convert_to_numpy(ok)) for ok, _ in conditions) and bool(
-        np.isfinite(ops.convert_to_numpy(weights)).all()
+        np.isfinite(_backend.to_host(weights)).all()
     )
 
 

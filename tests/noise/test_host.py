@@ -73,3 +73,14 @@ def test_an_eager_step_draws_the_same_weights_in_order_and_alone():
         np.testing.assert_array_equal(got, in_order[c])
     np.testing.assert_allclose(in_order[17], sampler._host_rows(3, np.array([17], np.uint32), 64, "float32")[0],
                                rtol=0, atol=2e-5)
+
+
+def test_changing_a_drawn_tensor_in_place_leaves_the_next_draw_alone():
+    # On PyTorch the weights share memory with a copy of the block's row (`torch.from_numpy`), never the row.
+    sampler = noise.Gaussian.emulating(batch_size=8, num_examples=64, centered=True)
+    seed = keras.ops.convert_to_tensor([3, 5])
+    first = sampler.sample(seed, 64)
+    want = to_numpy(first).copy()
+    if keras.backend.backend() == "torch":
+        first.mul_(0.0)
+    np.testing.assert_array_equal(to_numpy(sampler.sample(seed, 64)), want)
