@@ -50,12 +50,12 @@ def sort_keys(keys):
 
 
 def host_tensor(array):
-    """A NumPy array of a host draw as a CPU tensor, sharing its memory (`ops.convert_to_tensor` costs ~8 us more)."""
+    """A NumPy array of a host draw as a CPU tensor, sharing its memory (without `ops.convert_to_tensor`'s checks)."""
     return torch.from_numpy(array)
 
 
 def to_host(tensor):
-    """A CPU tensor's values as a NumPy array, sharing its memory (`ops.convert_to_numpy` costs ~6 us more)."""
+    """A CPU tensor's values as a NumPy array, sharing its memory (without `ops.convert_to_numpy`'s tree walk)."""
     return tensor.detach().numpy()
 
 
@@ -87,7 +87,7 @@ def accumulate_across_replicas(optimizer, grads, variables):
 
 def assign_add(variable, delta):
     """`variable.assign_add(delta)` (`delta` a NumPy array): in place on its tensor in an eager step, as
-    Keras's own PyTorch optimizers update their variables (Keras's `assign_add` costs ~25 us of dispatch)."""
+    Keras's own PyTorch optimizers update their variables (Keras's `assign_add` dispatches several operations)."""
     if torch.compiler.is_compiling():
         variable.assign_add(ops.convert_to_tensor(delta))
         return

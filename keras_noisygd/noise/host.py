@@ -2,8 +2,8 @@
 
 Where `_backend.draws_on_host` holds (eager PyTorch on a CPU), the Threefry
 words and the Box-Muller normals are computed in NumPy: each of the ~150
-small operations of a draw would otherwise cost its dispatch. At `n` = 128
-NumPy still spends ~50 us on its own per-call overhead, so once a stream has
+small operations of a draw would otherwise cost its dispatch. At a batch's
+`n` NumPy's own per-call overhead still dominates, so once a stream has
 been asked for the keys `[seed, c - 1]` and `[seed, c]` in turn (the
 optimizer's key is `[seed, update]`), `draw` makes the next updates' draws
 together: one set of NumPy operations on `[count, n]` arrays (`AHEAD` rows,

@@ -94,7 +94,7 @@ class NoiseMixin:
         self._check_messages = {}  # code -> the message's parts, recorded at trace time
         self._drawn = _backend.DrawRecord()
         self._calibrations = {}  # (noise, b, N) -> the noise calibrated to them, for static sizes
-        # Set by each draw, outside Keras's attribute tracking (~5 us a setting in an eager step): whether an update
+        # Set by each draw, outside Keras's attribute tracking (which runs at every setting): whether an update
         # of at least `emulate_batch_size` examples was drawn, and `checks_in_step` and `checked_on_host`.
         self._flags = types.SimpleNamespace(full_update_seen=False, checks_in_step=False, checked_on_host=False)
         self._warned_noiseless = False
@@ -143,7 +143,7 @@ class NoiseMixin:
             A `[batch_size]` tensor.
         """
         batch_size = check_batch_size(batch_size)
-        state = self._noise_state.value  # read once: each read costs ~4 us in an eager step
+        state = self._noise_state.value  # read once: each read dispatches through Keras in an eager step
         self._drawn.mark(state)
         step_size, offset = _backend.global_batch(batch_size, type(self).__name__)
         update, micro_step = self._update_position(state)
