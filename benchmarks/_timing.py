@@ -1,4 +1,4 @@
-"""Timing training steps inside one `fit`, without `fit`'s own start and end.
+"""Timing training steps inside one `fit`, without `fit`'s own start and end; and the median of repeated calls.
 
 A whole `fit` call costs more than its steps: on a 2-core CPU its start takes
 ~0.1 s and its end sometimes waits another 0.1-0.2 s (a `tf.data` input; up to
@@ -10,6 +10,7 @@ out.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import keras
@@ -39,3 +40,17 @@ def seconds_per_step(model, data, steps, warmup, callbacks=()):
     if warmup - 1 not in marks or warmup + steps - 1 not in marks:
         raise ValueError(f"warmup={warmup} and steps={steps} must be multiples of steps_per_execution")
     return (marks[warmup + steps - 1] - marks[warmup - 1]) / steps
+
+
+def median_seconds(fn, repeats):
+    """Median seconds per call of `fn` over `repeats` calls after one warm-up call.
+
+    `fn` must return once its work is done (wrap a JAX call in `block_until_ready`).
+    """
+    fn()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -30,16 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+from _timing import median_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def methods(a, g):
@@ -80,7 +69,7 @@ def main(argv=None):
     mb = want.nbytes / 2**20
     print(f"rows [{args.batch_size}, {args.inputs}, {args.outputs}] float32 ({mb:.0f} MiB); median ms over {args.repeats} calls; "
           f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}")
-    times = {name: median_ms(fn, args.repeats) for name, fn in table.items()}
+    times = {name: 1e3 * median_seconds(fn, args.repeats) for name, fn in table.items()}
     base = times["TensorFlow tf.einsum"]
     print(f"{'method':32s} {'ms':>8s} {'GB/s':>6s} {'/ tf.einsum':>12s}")
     for name, ms in times.items():

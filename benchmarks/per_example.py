@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -45,6 +43,7 @@ import numpy as np  # noqa: E402
 import step_time  # noqa: E402  (benchmarks/ is the script's folder)
 import tensorflow as tf  # noqa: E402
 from _memory import child_peak, peak_mib, report, settings  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
 from keras_noisygd.per_example.rules.convolution import convolution_rows  # noqa: E402
@@ -55,16 +54,6 @@ LOOPS = ("loop xla", "loop eager")
 
 
 # ---------------------------------------------------------------- the three architectures, in Keras and in JAX
-
-def median_seconds(fn, repeats):
-    """Median seconds per call of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
 
 def paper_cnn():
     """(a) The paper's Fashion-MNIST network: 11,330 parameters."""

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _timing  # noqa: E402  (benchmarks/ is the script's folder)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from step_time import MODELS as STEP_MODELS  # noqa: E402  (benchmarks/ is the script's folder)
+from step_time import MODELS as STEP_MODELS  # noqa: E402
 from step_time import wide_cnn  # noqa: E402
 
 import keras_noisygd as kn  # noqa: E402
@@ -52,13 +51,7 @@ def _ready(result):
 
 
 def median_seconds(fn, repeats):
-    _ready(fn())
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        _ready(fn())
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return _timing.median_seconds(lambda: _ready(fn()), repeats)
 
 
 def plain_gradient(model, x, y):

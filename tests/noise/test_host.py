@@ -40,6 +40,7 @@ def test_rows_made_ahead_equal_each_keys_own_words():
     a = host.AHEAD
     assert calls == [1, a, a, 1, a, 1, 1, 1, 1, 1]
 
+
 def test_large_rows_are_not_drawn_ahead():
     blocks, calls = host.Blocks(), []
     n = 2**17  # beyond _AHEAD_ELEMENTS: a block of one row, memory of one draw only
