@@ -129,6 +129,8 @@ def per_example_values(loss_obj, y_true, y_pred, batch_size):
             f"Argument `loss` must give one value per example; {loss_obj!r} returns a scalar. "
             "Received: a loss with scalar values"
         )
+    if len(values.shape) == 1:  # [B] values (the usual case): no reduction over one element, two operations fewer
+        return values * ops.cast(batch_size, values.dtype) if loss_obj.reduction == "sum" else values
     values = ops.reshape(values, [ops.shape(values)[0], -1])
     if loss_obj.reduction == "sum":
         return ops.sum(values, axis=1) * ops.cast(batch_size, values.dtype)
