@@ -18,6 +18,6 @@ def test_every_runtime_gives_the_same_rows_and_a_time():
         capture_output=True, text=True, timeout=300, check=True,  # the script asserts the rows are equal first
     ).stdout
     rows = [line for line in out.splitlines() if line.startswith(("TensorFlow", "JAX", "NumPy"))]
-    assert len(rows) == 5
+    assert len(rows) == 8
     assert all(float(line.split()[-3]) >= 0 for line in rows)  # ms (a tiny NumPy call prints 0.00)
     assert rows[0].split()[-1] == "1.00"  # the baseline is TensorFlow's tf.einsum itself
