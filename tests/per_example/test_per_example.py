@@ -425,3 +425,18 @@ def test_engine_arguments_are_checked_and_serialized():
         kn.NoisyGD(0.1, emulate_batch_size=4, chunk_size=8)
     with pytest.raises(ValueError, match=r"`chunk_size` must be None or an integer >= 1. Received: chunk_size=-1"):
         kn.NoisyAdam(emulate_batch_size=4, engine="per_example", chunk_size=-1)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.parametrize("shape", [(6, 3), (6, 4, 3)], ids=["one value per example", "four values per example"])
+def test_per_example_values_average_to_the_keras_loss(reduction, shape):
+    # [B] values are returned as they are (or times B under "sum"), [B, T] values reduce over T first: both
+    # must average to what Keras's loss reduces the same values to, each value being NumPy's mean or sum.
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.normal(size=shape), rng.normal(size=shape)
+    loss = keras.losses.MeanSquaredError(reduction=reduction, dtype="float64")
+    values = keras.ops.convert_to_numpy(per_example.losses.per_example_values(loss, y_true, y_pred, shape[0]))
+    elements = ((y_true - y_pred) ** 2).mean(-1).reshape(shape[0], -1)  # MSE's per-element values
+    want = elements.sum(1) * shape[0] if reduction == "sum" else elements.mean(1)
+    np.testing.assert_allclose(values, want, rtol=1e-12)  # float64 throughout
+    np.testing.assert_allclose(values.mean(), keras.ops.convert_to_numpy(loss(y_true, y_pred)), rtol=1e-12)
